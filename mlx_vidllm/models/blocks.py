@@ -1,0 +1,141 @@
+"""Building blocks shared by every family: ViT encoder layer, MLP projector,
+bilinear resize (PyTorch semantics) and the placeholder merge."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
+    "gelu": nn.gelu,  # exact erf
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_new": nn.gelu_approx,
+    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "silu": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[mx.array], mx.array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r} (known: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head attention with separate q/k/v/out projections (CLIP, SigLIP)."""
+
+    def __init__(self, dims: int, num_heads: int, bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dims // num_heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims, bias=bias)
+        self.k_proj = nn.Linear(dims, dims, bias=bias)
+        self.v_proj = nn.Linear(dims, dims, bias=bias)
+        self.out_proj = nn.Linear(dims, dims, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, L, D = x.shape
+        q, k, v = (
+            p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dims: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dims, hidden)
+        self.fc2 = nn.Linear(hidden, dims)
+        self.act = activation(act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ViTEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block, key names as in transformers' CLIP/SigLIP."""
+
+    def __init__(self, dims: int, num_heads: int, mlp_dims: int, act: str, eps: float):
+        super().__init__()
+        self.self_attn = VisionAttention(dims, num_heads)
+        self.layer_norm1 = nn.LayerNorm(dims, eps=eps)
+        self.mlp = VisionMLP(dims, mlp_dims, act)
+        self.layer_norm2 = nn.LayerNorm(dims, eps=eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+def layers_to_run(num_layers: int, feature_layer: int) -> int:
+    """How many encoder layers produce `hidden_states[feature_layer]`.
+
+    transformers' hidden_states has num_layers+1 entries (entry 0 is the input
+    to layer 0), so layer -1 needs all layers and -2 all but the last."""
+    n = num_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
+    if not 0 <= n <= num_layers:
+        raise ValueError(f"vision_feature_layer {feature_layer} is out of range for {num_layers} layers")
+    return n
+
+
+class MLPProjector(nn.Module):
+    """`mlp2x_gelu`: Linear -> exact GELU -> Linear (all four families)."""
+
+    def __init__(self, in_dims: int, out_dims: int, act: str = "gelu"):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dims, out_dims)
+        self.linear_2 = nn.Linear(out_dims, out_dims)
+        self.act = activation(act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of PyTorch's bilinear interpolate (align_corners=False, no antialias)."""
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, w1
+
+
+def bilinear_resize(x: mx.array, out_h: int, out_w: int) -> mx.array:
+    """Resize (N, H, W, C) to (N, out_h, out_w, C) like F.interpolate(mode="bilinear")."""
+    _, H, W, _ = x.shape
+    if (H, W) == (out_h, out_w):
+        return x
+    i0, i1, w = _bilinear_taps(H, out_h)
+    w = mx.array(w, dtype=x.dtype)[None, :, None, None]
+    x = x[:, mx.array(i0)] * (1 - w) + x[:, mx.array(i1)] * w
+    j0, j1, w = _bilinear_taps(W, out_w)
+    w = mx.array(w, dtype=x.dtype)[None, None, :, None]
+    return x[:, :, mx.array(j0)] * (1 - w) + x[:, :, mx.array(j1)] * w
+
+
+def pooled_size(grid: int) -> int:
+    """Side of a frame's grid after the stride-2 bilinear pool (ceil, as in LLaVA-NeXT's get_2dPool)."""
+    return math.ceil(grid / 2)
+
+
+def merge_placeholders(
+    embeds: mx.array, input_ids: mx.array, token_id: int, features: mx.array, what: str
+) -> mx.array:
+    """Write `features` (N, D) in order over the positions of `token_id` in `input_ids` (L,)."""
+    positions = np.flatnonzero(np.asarray(input_ids) == token_id)
+    if len(positions) != features.shape[0]:
+        raise ValueError(
+            f"{what} features and {what} tokens do not match: {len(positions)} placeholder tokens "
+            f"in the prompt, {features.shape[0]} features"
+        )
+    if len(positions) == 0:
+        return embeds
+    embeds[mx.array(positions)] = features.astype(embeds.dtype)
+    return embeds

@@ -1,0 +1,197 @@
+"""LLaVA-OneVision: SigLIP -> mlp2x_gelu projector -> Qwen2 (mlx-lm).
+
+Images use anyres_max_9 (base view + unpadded tile canvas with a newline per
+row); video frames are projected, bilinearly pooled 27x27 -> 14x14 and
+followed by a single newline after the last frame (196*T + 1 tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..media.image import anyres_grid, anyres_max_shape, unpadded_shape
+from .blocks import MLPProjector, bilinear_resize, merge_placeholders, pooled_size
+from .decoder import build_decoder, warn_unused_keys
+from .siglip import SiglipConfig, SiglipVisionModel
+
+# How many frames go through the vision tower at once: bounds memory on long videos.
+VISION_CHUNK = 16
+
+
+@dataclass
+class OneVisionConfig:
+    vision: SiglipConfig
+    text_config: dict
+    image_token_id: int
+    video_token_id: int
+    image_grid_pinpoints: list = field(default_factory=list)
+    vision_feature_layer: int = -1
+    vision_aspect_ratio: str = "anyres_max_9"
+    projector_hidden_act: str = "gelu"
+    tie_word_embeddings: bool | None = None
+
+    @property
+    def max_tiles(self) -> int:
+        return int(self.vision_aspect_ratio.removeprefix("anyres_max_"))
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "OneVisionConfig":
+        """Read a transformers LlavaOnevisionConfig dict (v4 or v5)."""
+        vision_keys = {f.name for f in fields(SiglipConfig)}
+        vc = config.get("vision_config", {})
+        warn_unused_keys("vision_config", vc, vision_keys | {"vision_use_head", "attention_dropout"})
+        if vc.get("vision_use_head"):
+            pass  # the pooling head is never used by LLaVA; its weights are dropped in sanitize
+        strategy = config.get("vision_feature_select_strategy", "full")
+        if strategy != "full":
+            raise ValueError(f"vision_feature_select_strategy={strategy!r}: SigLIP has no CLS, expected 'full'")
+        if config.get("multimodal_projector_bias", True) is not True:
+            raise ValueError("multimodal_projector_bias=False is not supported")
+        used = {
+            "vision_config", "text_config", "image_token_index", "image_token_id", "video_token_index",
+            "video_token_id", "image_grid_pinpoints", "vision_feature_layer", "vision_aspect_ratio",
+            "projector_hidden_act", "tie_word_embeddings", "vision_feature_select_strategy",
+            "multimodal_projector_bias", "image_seq_length", "video_seq_length",
+        }
+        warn_unused_keys("config", config, used)
+        return cls(
+            vision=SiglipConfig(**{k: v for k, v in vc.items() if k in vision_keys}),
+            text_config=config["text_config"],
+            image_token_id=config.get("image_token_id", config.get("image_token_index")),
+            video_token_id=config.get("video_token_id", config.get("video_token_index")),
+            image_grid_pinpoints=config.get("image_grid_pinpoints", []),
+            vision_feature_layer=config.get("vision_feature_layer", -1),
+            vision_aspect_ratio=config.get("vision_aspect_ratio", "anyres_max_9"),
+            projector_hidden_act=config.get("projector_hidden_act", "gelu"),
+            tie_word_embeddings=config.get("tie_word_embeddings"),
+        )
+
+
+class Model(nn.Module):
+    def __init__(self, config: OneVisionConfig, tie_word_embeddings: bool | None = None):
+        super().__init__()
+        self.config = config
+        d_text = config.text_config["hidden_size"]
+        self.vision_tower = SiglipVisionModel(config.vision, config.vision_feature_layer)
+        self.multi_modal_projector = MLPProjector(config.vision.hidden_size, d_text, config.projector_hidden_act)
+        self.image_newline = mx.zeros((d_text,))
+        tie = tie_word_embeddings if tie_word_embeddings is not None else config.tie_word_embeddings
+        self.language_model = build_decoder(config.text_config, tie)
+
+    # --- vision -> projected tokens ----------------------------------------------------
+
+    def encode_frames(self, pixels: mx.array) -> mx.array:
+        """(N, S, S, 3) -> projected patch features (N, grid*grid, D), in chunks."""
+        out = []
+        for i in range(0, pixels.shape[0], VISION_CHUNK):
+            feats = self.multi_modal_projector(self.vision_tower(pixels[i:i + VISION_CHUNK]))
+            mx.eval(feats)
+            out.append(feats)
+        return mx.concatenate(out) if len(out) > 1 else out[0]
+
+    def image_features(
+        self, pixel_values: mx.array, image_sizes: Sequence[Sequence[int]], batch_num_images: Sequence[int]
+    ) -> list[mx.array]:
+        """One (tokens, D) block per image, in prompt order."""
+        cfg, g = self.config, self.config.vision.grid
+        feats = self.encode_frames(pixel_values)
+        multi = [n > 1 for n in batch_num_images for _ in range(n)]
+        blocks, start = [], 0
+        for (H, W), is_multi in zip(image_sizes, multi):
+            if is_multi:  # multi-image prompts: one padded-square view, no tiles
+                blocks.append(mx.concatenate([feats[start], self.image_newline[None]]))
+                start += 1
+                continue
+            rows, cols = anyres_grid((H, W), cfg.image_grid_pinpoints, cfg.vision.image_size)
+            base, tiles = feats[start], feats[start + 1:start + 1 + rows * cols]
+            start += 1 + rows * cols
+            # tiles (rows*cols, g*g, D) -> one (rows*g, cols*g, D) canvas, row-major over tiles
+            canvas = tiles.reshape(rows, cols, g, g, -1).transpose(0, 2, 1, 3, 4).reshape(rows * g, cols * g, -1)
+            top, bottom, left, right = unpadded_shape((H, W), canvas.shape[:2])
+            canvas = canvas[top:bottom, left:right]
+            h, w = anyres_max_shape(*canvas.shape[:2], g, cfg.max_tiles)
+            canvas = bilinear_resize(canvas[None], h, w)[0]
+            newline = mx.broadcast_to(self.image_newline, (h, 1, canvas.shape[-1])).astype(canvas.dtype)
+            grid_tokens = mx.concatenate([canvas, newline], axis=1).reshape(-1, canvas.shape[-1])
+            blocks.append(mx.concatenate([base, grid_tokens]))
+        if start != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} views, image_sizes account for {start}")
+        return blocks
+
+    def video_features(self, frames: mx.array) -> mx.array:
+        """(T, S, S, 3) -> (196*T + 1, D): pooled frames in time order, then one newline."""
+        g = self.config.vision.grid
+        feats = self.encode_frames(frames)
+        T, _, D = feats.shape
+        p = pooled_size(g)
+        pooled = bilinear_resize(feats.reshape(T, g, g, D), p, p).reshape(T * p * p, D)
+        return mx.concatenate([pooled, self.image_newline[None].astype(pooled.dtype)])
+
+    # --- merge and decode ----------------------------------------------------------------
+
+    def get_input_embeddings(
+        self,
+        input_ids: mx.array | np.ndarray,
+        pixel_values: mx.array | np.ndarray | None = None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+        batch_num_images: Sequence[int] | None = None,
+        pixel_values_videos: Sequence | mx.array | np.ndarray | None = None,
+        **unused,
+    ) -> mx.array:
+        """Text embeddings with every placeholder replaced by its visual features: (L, D)."""
+        ids = np.asarray(input_ids).reshape(-1)
+        embeds = self.language_model.model.embed_tokens(mx.array(ids))
+        if pixel_values is not None and len(pixel_values):
+            sizes = np.asarray(image_sizes).reshape(-1, 2).tolist()
+            counts = list(batch_num_images) if batch_num_images is not None else [1] * len(sizes)
+            blocks = self.image_features(mx.array(pixel_values), sizes, counts)
+            embeds = merge_placeholders(embeds, ids, self.config.image_token_id, mx.concatenate(blocks), "image")
+        if pixel_values_videos is not None and len(pixel_values_videos):
+            videos = [self.video_features(mx.array(v)) for v in pixel_values_videos]
+            embeds = merge_placeholders(embeds, ids, self.config.video_token_id, mx.concatenate(videos), "video")
+        return embeds
+
+    def __call__(self, input_ids, cache=None, **media) -> mx.array:
+        """Logits (1, L, vocab) for a processed prompt (the processor's output dict)."""
+        ids = np.asarray(input_ids).reshape(1, -1)
+        embeds = self.get_input_embeddings(ids, **media)
+        return self.language_model(mx.array(ids), cache=cache, input_embeddings=embeds[None])
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        """Weights already under our names -> exactly this module's parameters."""
+        return sanitize_llava(self, weights)
+
+
+def sanitize_llava(model: nn.Module, weights: dict) -> dict:
+    """Shared by the LLaVA-style families: conv layout, unused vision layers, tied lm_head."""
+    import re
+
+    out = {}
+    built = {name: len(tower.layers) for name, tower in model.children().items() if hasattr(tower, "layers")
+             and name != "language_model"}
+    layer_re = re.compile(r"^(\w+)\.layers\.(\d+)\.")
+    for key, value in weights.items():
+        m = layer_re.match(key)
+        if m and m.group(1) in built and int(m.group(2)) >= built[m.group(1)]:
+            continue  # layers past the selected feature layer are never run
+        if key.endswith("patch_embedding.weight") and value.ndim == 4 and value.shape[1] == 3:
+            value = value.transpose(0, 2, 3, 1)  # PyTorch (O, I, kh, kw) -> MLX (O, kh, kw, I)
+        out[key] = value
+    lm = model.language_model
+    if "lm_head" in lm and "language_model.lm_head.weight" not in out:
+        # Tied checkpoints (Qwen2-0.5B) may omit lm_head: it is the embedding matrix.
+        out["language_model.lm_head.weight"] = out["language_model.model.embed_tokens.weight"]
+    lm_weights = {k[len("language_model."):]: v for k, v in out.items() if k.startswith("language_model.")}
+    lm_weights = lm.sanitize(lm_weights) if hasattr(lm, "sanitize") else lm_weights
+    out = {k: v for k, v in out.items() if not k.startswith("language_model.")}
+    out.update({f"language_model.{k}": v for k, v in lm_weights.items()})
+    return out
