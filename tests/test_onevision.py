@@ -21,7 +21,9 @@ def to_torch(inputs: dict) -> dict:
     """Our processor's arrays (channels-last) -> transformers' tensors (channels-first, batched)."""
     out = {"input_ids": torch.tensor(np.asarray(inputs["input_ids"]), dtype=torch.long)}
     if "pixel_values" in inputs:
-        out["pixel_values"] = torch.tensor(inputs["pixel_values"]).permute(0, 3, 1, 2)[None]
+        pix = torch.tensor(inputs["pixel_values"]).permute(0, 3, 1, 2)
+        # one image: (1, views, C, S, S); several: one view each, (images, 1, C, S, S)
+        out["pixel_values"] = pix[:, None] if inputs["batch_num_images"][0] > 1 else pix[None]
         out["image_sizes"] = torch.tensor(inputs["image_sizes"])
         out["batch_num_images"] = torch.tensor(inputs["batch_num_images"])
     if "pixel_values_videos" in inputs:
@@ -36,17 +38,12 @@ def reference_logits(ref, inputs: dict) -> np.ndarray:
 
 
 def reference_greedy(ref, inputs: dict, eos: set[int], n: int) -> list[int]:
-    """Greedy decoding without a cache: each step recomputes the whole sequence."""
+    """transformers' own greedy decoding (media enter at prefill only, KV cache after)."""
     t = to_torch(inputs)
-    ids, out = t.pop("input_ids"), []
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = int(ref(input_ids=ids, **t).logits[0, -1].argmax())
-        if nxt in eos:
-            break
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
+    with torch.no_grad():
+        out = ref.generate(**t, max_new_tokens=n, do_sample=False, eos_token_id=sorted(eos), pad_token_id=0)
+    tokens = out[0, t["input_ids"].shape[1]:].tolist()
+    return [tok for tok in tokens if tok not in eos]
 
 
 def rgb(h: int, w: int, seed: int) -> np.ndarray:
@@ -146,7 +143,8 @@ def test_processor_matches_transformers(onevision_default):
     for images in ([rgb(90, 130, 1)], [rgb(200, 60, 2)], [rgb(700, 1200, 3)], [rgb(90, 130, 4), rgb(60, 60, 5)]):
         text = processor.format_prompt("Describe.", num_images=len(images))
         ours = processor(text, images=images)
-        theirs = hf(text=text, images=images, return_tensors="np")
+        # transformers reads a flat list as one image per sample; a nested list is one multi-image prompt
+        theirs = hf(text=text, images=[images], return_tensors="np")
         np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
         pix = theirs["pixel_values"][0][: len(ours["pixel_values"])] if len(images) == 1 else \
             theirs["pixel_values"].reshape(-1, *theirs["pixel_values"].shape[-3:])

@@ -4,6 +4,7 @@ bilinear resize (PyTorch semantics) and the placeholder merge."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 import mlx.core as mx
@@ -139,3 +140,30 @@ def merge_placeholders(
         return embeds
     embeds[mx.array(positions)] = features.astype(embeds.dtype)
     return embeds
+
+
+def sanitize_llava(model: nn.Module, weights: dict) -> dict:
+    """Shared by the LLaVA-style families: conv layout, unused vision-tower layers, tied lm_head.
+
+    Every child module with `layers` other than the decoder is a vision tower (OneVision's `vision_tower`,
+    Video-LLaVA's `image_tower` and `video_tower`); its stored layers past the built ones are dropped."""
+    out = {}
+    built = {name: len(tower.layers) for name, tower in model.children().items() if hasattr(tower, "layers")
+             and name != "language_model"}
+    layer_re = re.compile(r"^(\w+)\.layers\.(\d+)\.")
+    for key, value in weights.items():
+        m = layer_re.match(key)
+        if m and m.group(1) in built and int(m.group(2)) >= built[m.group(1)]:
+            continue  # layers past the selected feature layer are never run
+        if key.endswith("patch_embedding.weight") and value.ndim == 4 and value.shape[1] == 3:
+            value = value.transpose(0, 2, 3, 1)  # PyTorch (O, I, kh, kw) -> MLX (O, kh, kw, I)
+        out[key] = value
+    lm = model.language_model
+    if "lm_head" in lm and "language_model.lm_head.weight" not in out:
+        # Tied checkpoints (Qwen2-0.5B) may omit lm_head: it is the embedding matrix.
+        out["language_model.lm_head.weight"] = out["language_model.model.embed_tokens.weight"]
+    lm_weights = {k[len("language_model."):]: v for k, v in out.items() if k.startswith("language_model.")}
+    lm_weights = lm.sanitize(lm_weights) if hasattr(lm, "sanitize") else lm_weights
+    out = {k: v for k, v in out.items() if not k.startswith("language_model.")}
+    out.update({f"language_model.{k}": v for k, v in lm_weights.items()})
+    return out

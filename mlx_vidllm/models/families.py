@@ -27,12 +27,24 @@ LLAVA_KEYS: KeyRules = [
     (r"^model\.", "language_model.model."),  # original LLaVA-NeXT decoder keys
 ]
 
+# Video-LLaVA: "image_tower.vision_model." / "video_tower.vision_model." (Hub legacy),
+# "image_tower." / "video_tower." (what transformers 5.23's plain save_pretrained writes: legacy
+# decoder names, but no "vision_model." level), "model.image_tower." (transformers 5 runtime names).
+VIDEO_LLAVA_KEYS: KeyRules = [
+    (r"^(?:model\.)?(image_tower|video_tower)\.(?:vision_model\.)?encoder\.layers\.", r"\1.layers."),
+    (r"^(?:model\.)?(image_tower|video_tower)\.(?:vision_model\.)?", r"\1."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+]
+
 # Keys present in checkpoints that the LLaVA models never use.
 DROPPED_KEYS = [
     r"\.position_ids$",
     r"rotary_emb\.inv_freq$",
     r"^vision_tower\.post_layernorm\.",
     r"^vision_tower\.head\.",  # SigLIP pooling head
+    r"^(?:image|video)_tower\.post_layernorm\.",  # Video-LLaVA's CLIP towers
 ]
 
 
@@ -79,9 +91,21 @@ def _onevision_build(config: dict):
 
 
 def _onevision_processor(path, model):
-    from ..processing import OneVisionProcessor
+    from .onevision import OneVisionProcessor
 
     return OneVisionProcessor.from_pretrained(path, model.config)
+
+
+def _video_llava_build(config: dict):
+    from .video_llava import Model, VideoLlavaConfig
+
+    return Model(VideoLlavaConfig.from_hf(config))
+
+
+def _video_llava_processor(path, model):
+    from .video_llava import VideoLlavaProcessor
+
+    return VideoLlavaProcessor.from_pretrained(path, model.config)
 
 
 FAMILIES: list[Family] = [
@@ -92,6 +116,14 @@ FAMILIES: list[Family] = [
         key_rules=LLAVA_KEYS,
         build=_onevision_build,
         processor=_onevision_processor,
+    ),
+    Family(
+        name="video_llava",
+        description="Video-LLaVA (two CLIP ViT-L/14 towers + Vicuna), transformers format",
+        detect=lambda c: c.get("model_type") == "video_llava",
+        key_rules=VIDEO_LLAVA_KEYS,
+        build=_video_llava_build,
+        processor=_video_llava_processor,
     ),
 ]
 

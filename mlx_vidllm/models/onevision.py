@@ -8,14 +8,23 @@ followed by a single newline after the last frame (196*T + 1 tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Sequence
+import os
+from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import ModelError
+from ..media import image as imgops
 from ..media.image import anyres_grid, anyres_max_shape, unpadded_shape
-from .blocks import MLPProjector, bilinear_resize, merge_placeholders, pooled_size
+from ..processing import (ImageLike, NormalizeConfig, Processor, VideoLike, eos_token_ids, load_chat_template,
+                          load_image, load_tokenizer, read_json)
+from .blocks import MLPProjector, bilinear_resize, merge_placeholders, pooled_size, sanitize_llava
 from .decoder import build_decoder, warn_unused_keys
 from .siglip import SiglipConfig, SiglipVisionModel
 
@@ -171,27 +180,82 @@ class Model(nn.Module):
         return sanitize_llava(self, weights)
 
 
-def sanitize_llava(model: nn.Module, weights: dict) -> dict:
-    """Shared by the LLaVA-style families: conv layout, unused vision layers, tied lm_head."""
-    import re
+class OneVisionProcessor(Processor):
+    """LLaVA-OneVision: anyres_max_9 images, 384x384 squashed video frames."""
 
-    out = {}
-    built = {name: len(tower.layers) for name, tower in model.children().items() if hasattr(tower, "layers")
-             and name != "language_model"}
-    layer_re = re.compile(r"^(\w+)\.layers\.(\d+)\.")
-    for key, value in weights.items():
-        m = layer_re.match(key)
-        if m and m.group(1) in built and int(m.group(2)) >= built[m.group(1)]:
-            continue  # layers past the selected feature layer are never run
-        if key.endswith("patch_embedding.weight") and value.ndim == 4 and value.shape[1] == 3:
-            value = value.transpose(0, 2, 3, 1)  # PyTorch (O, I, kh, kw) -> MLX (O, kh, kw, I)
-        out[key] = value
-    lm = model.language_model
-    if "lm_head" in lm and "language_model.lm_head.weight" not in out:
-        # Tied checkpoints (Qwen2-0.5B) may omit lm_head: it is the embedding matrix.
-        out["language_model.lm_head.weight"] = out["language_model.model.embed_tokens.weight"]
-    lm_weights = {k[len("language_model."):]: v for k, v in out.items() if k.startswith("language_model.")}
-    lm_weights = lm.sanitize(lm_weights) if hasattr(lm, "sanitize") else lm_weights
-    out = {k: v for k, v in out.items() if not k.startswith("language_model.")}
-    out.update({f"language_model.{k}": v for k, v in lm_weights.items()})
-    return out
+    def __init__(self, tokenizer, chat_template, eos_ids, model_config, norm: NormalizeConfig, size: int,
+                 resample: int):
+        super().__init__(tokenizer, chat_template, eos_ids)
+        self.config = model_config
+        self.norm = norm
+        self.size = size
+        self.resample = Image.Resampling(resample)
+        self.image_token_id = model_config.image_token_id
+        self.video_token_id = model_config.video_token_id
+        vocab = tokenizer.get_vocab()
+        for tok, tid in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
+            if vocab.get(tok) != tid:
+                raise ModelError(f"the tokenizer maps {tok} to {vocab.get(tok)}, the config expects id {tid}")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, model_config) -> "OneVisionProcessor":
+        path = Path(path)
+        pp_file = path / "preprocessor_config.json"
+        if not pp_file.exists():
+            raise ModelError(f"{path}: preprocessor_config.json is missing")
+        pp = read_json(pp_file)
+        size = pp.get("size", {})
+        side = size.get("height", size.get("shortest_edge", model_config.vision.image_size))
+        tokenizer = load_tokenizer(path)
+        return cls(tokenizer, load_chat_template(path, tokenizer), eos_token_ids(path, tokenizer),
+                   model_config, NormalizeConfig.from_preprocessor(pp, path), side, pp.get("resample", 3))
+
+    @property
+    def grid(self) -> int:
+        return self.config.vision.grid
+
+    def frame_transform(self, image: Image.Image) -> Image.Image:
+        return image.convert("RGB").resize((self.size, self.size), resample=self.resample)
+
+    def preprocess_images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        """All views of all images stacked (N, S, S, 3), and the token count of each image."""
+        S, cfg = self.size, self.config
+        views, counts = [], []
+        for image in images:
+            if len(images) == 1:
+                tiles = imgops.anyres_tiles(image, cfg.image_grid_pinpoints, S)
+                views += [imgops.resize(image, S, S, self.resample)] + tiles
+                counts.append(imgops.anyres_token_count(image.shape[:2], cfg.image_grid_pinpoints, S,
+                                                        self.grid, cfg.max_tiles))
+            else:  # multi-image prompts: no tiles, pad to a square with the mean colour
+                fill = [int(m * 255) for m in self.norm.mean]
+                views.append(imgops.resize(imgops.pad_to_square(image, fill), S, S, self.resample))
+                counts.append(self.grid**2 + 1)
+        return np.stack([self.norm(v) for v in views]), counts
+
+    def preprocess_video(self, frames: np.ndarray) -> np.ndarray:
+        S = self.size
+        return np.stack([self.norm(imgops.resize(f, S, S, self.resample)) for f in frames])
+
+    def video_token_count(self, num_frames: int) -> int:
+        p = -(-self.grid // 2)
+        return num_frames * p * p + 1
+
+    def __call__(self, text: str, images: Sequence[ImageLike] | None = None,
+                 videos: Sequence[VideoLike] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        images = [load_image(i) for i in images or []]
+        if images:
+            out["pixel_values"], counts = self.preprocess_images(images)
+            out["image_sizes"] = np.asarray([i.shape[:2] for i in images], dtype=np.int64)
+            out["batch_num_images"] = [len(images)]
+        text = self.expand(text, self.image_token, counts if images else [], self.image_token)
+        if videos:
+            pix = [self.preprocess_video(self._frames(v)) for v in videos]
+            out["pixel_values_videos"] = pix
+            text = self.expand(text, self.video_token, [self.video_token_count(len(p)) for p in pix],
+                               self.video_token)
+        else:
+            text = self.expand(text, self.video_token, [], self.video_token)
+        out["input_ids"] = self.tokenize(text)
+        return out
