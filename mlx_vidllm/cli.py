@@ -75,6 +75,7 @@ def generate(model, video, images, prompt, system, max_tokens, temp, top_p, seed
                                     max_frames=max_frames, system=system):
             click.echo(last.text, nl=False)
         click.echo()
+        sys.stdout.flush()  # the answer before the statistics on a shared terminal
     except KeyboardInterrupt:
         click.echo("\n[interrupted]", err=True)
         sys.exit(130)

@@ -65,3 +65,32 @@ def real_video() -> Path:
     if not REAL_VIDEO.exists():
         pytest.skip(f"{REAL_VIDEO} not present")
     return REAL_VIDEO
+
+
+# --- Video-LLaVA ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def video_llava_default(tmp_path_factory) -> Path:
+    """Tiny Video-LLaVA checkpoint: Hub (legacy) key names and a Hub-style config.json (defaults left out)."""
+    from tests.fixtures.video_llava import build_video_llava
+
+    return build_video_llava(tmp_path_factory.mktemp("video_llava_default"), key_format="legacy", config_format="hub")
+
+
+@pytest.fixture(scope="session")
+def video_llava_default_v5(tmp_path_factory) -> Path:
+    """Same weights as ``video_llava_default``, transformers 5.x key names and config.json."""
+    from tests.fixtures.video_llava import build_video_llava
+
+    return build_video_llava(tmp_path_factory.mktemp("video_llava_default_v5"), key_format="v5", config_format="v5")
+
+
+@pytest.fixture(scope="session")
+def video_llava_default_reverted(tmp_path_factory) -> Path:
+    """Same weights, as 5.23's plain ``save_pretrained()`` writes them (``image_tower.encoder.*``, legacy decoder)."""
+    from tests.fixtures.video_llava import build_video_llava
+
+    return build_video_llava(
+        tmp_path_factory.mktemp("video_llava_default_reverted"), key_format="v5_reverted", config_format="v5"
+    )
