@@ -377,3 +377,18 @@ def test_read_frames_with_nothing_decodable_returns_empty(tmp_path):
 def test_bad_rule():
     with pytest.raises(ValueError, match="rule"):
         load_video(REAL_CLIPS[0], rule="random")
+
+
+# ----------------------------------------------------------------------------- seeking decode
+
+@pytest.mark.parametrize("path", REAL_CLIPS)
+def test_seeking_decode_equals_sequential_decode(path):
+    """Sparse sampling seeks to keyframes; the frames must be exactly those of a full decode."""
+    from mlx_vidllm.media.video import _read
+
+    n = probe_video(path).num_frames
+    for indices in (uniform_indices(n, 4), uniform_indices(n, 16), np.array([n - 1, 0, n // 2, n // 2])):
+        seq, _ = _read(path, indices, None, seek=False)
+        sought, total = _read(path, indices, None, seek=True)
+        assert np.array_equal(seq, sought)
+    assert total == n

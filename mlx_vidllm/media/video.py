@@ -185,30 +185,99 @@ def is_video_file(path: str | os.PathLike) -> bool:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _read(path: str | os.PathLike, indices: Sequence[int], transform: Transform | None) -> tuple[np.ndarray, int]:
-    """read_frames plus the number of frames decoded (== stream length when decoding hit the end)."""
+def _to_array(frame: av.VideoFrame, stream, transform: Transform | None) -> np.ndarray:
+    img = frame.to_image()
+    ccw = _ccw_rotation(frame, stream)
+    if ccw in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[ccw])
+    if transform is not None:  # right away, so we never hold full-resolution frames
+        img = transform(img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+# Wanted frames further apart than this (on average) are reached by seeking instead of decoding
+# everything in between: 16 frames of an hour-long video decode in seconds, not minutes.
+SEEK_MIN_GAP = 48
+
+
+def _frame_table(container, stream) -> tuple[list[int], list[int]] | None:
+    """Presentation timestamps of every frame, in display order, and those of keyframes.
+    Demuxing only (no decoding). None when packets carry no timestamps."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue
+        if packet.pts is None:
+            return None
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keys.append(packet.pts)
+    pts.sort()
+    return pts, sorted(keys)
+
+
+def _read_seeking(path: str, wanted: set[int], transform) -> tuple[dict[int, np.ndarray], int] | None:
+    """Decode only around the wanted frames: seek to the keyframe before each, decode up to it.
+    Frames are identified by their timestamp's rank, which is their decode-order index.
+    Returns (frames by index, frames in the stream), or None when timestamps cannot identify
+    frames reliably here, and the caller decodes sequentially instead."""
+    container, stream = _open(path)
+    with container:
+        table = _frame_table(container, stream)
+        if table is None or len(set(table[0])) != len(table[0]) or not table[1]:
+            return None
+        pts, keys = table
+        rank = {t: i for i, t in enumerate(pts)}
+        kept: dict[int, np.ndarray] = {}
+        todo = sorted(i for i in wanted if i < len(pts))
+        j = 0
+        while j < len(todo):
+            target = pts[todo[j]]
+            key = max((k for k in keys if k <= target), default=keys[0])
+            container.seek(key, stream=stream, backward=True, any_frame=False)
+            for frame in _decoded(container, stream, path):
+                i = rank.get(frame.pts, -1) if frame.pts is not None else -1
+                if i < 0 or i > todo[j]:
+                    return None  # the wanted frame never came out: timestamps do not identify frames
+                if i == todo[j]:
+                    kept[i] = _to_array(frame, stream, transform)
+                    j += 1
+                    # the next wanted frame is close: keep decoding instead of seeking again
+                    if j == len(todo) or todo[j] - i > SEEK_MIN_GAP:
+                        break
+            else:
+                return None
+        return kept, len(pts)
+
+
+def _read(path: str | os.PathLike, indices: Sequence[int], transform: Transform | None,
+          seek: bool | None = None) -> tuple[np.ndarray, int]:
+    """read_frames plus the number of frames in the stream as far as decoding saw it.
+    `seek`: None decides by the spacing of the indices; True/False force a path (tests)."""
     p = os.fspath(path)
     wanted = {int(i) for i in indices}
     if any(i < 0 for i in wanted):
         raise ValueError(f"frame indices must be >= 0, got {min(wanted)}")
-    container, stream = _open(p)
-    kept: dict[int, np.ndarray] = {}
-    n = 0
-    with container:
-        if wanted:
-            last = max(wanted)
-            for n, frame in enumerate(_decoded(container, stream, p), start=1):
-                i = n - 1
-                if i in wanted:
-                    img = frame.to_image()
-                    ccw = _ccw_rotation(frame, stream)
-                    if ccw in _TRANSPOSE:
-                        img = img.transpose(_TRANSPOSE[ccw])
-                    if transform is not None:  # right away, so we never hold full-resolution frames
-                        img = transform(img)
-                    kept[i] = np.asarray(img.convert("RGB"), dtype=np.uint8)
-                if i >= last:
-                    break
+    sought = None
+    if wanted and (seek or (seek is None and max(wanted) / len(wanted) > SEEK_MIN_GAP)):
+        try:
+            sought = _read_seeking(p, wanted, transform)
+        except _AV_ERRORS:
+            sought = None
+    if sought is not None:
+        kept, n = sought
+    else:
+        kept, n = {}, 0
+        container, stream = _open(p)
+        with container:
+            if wanted:
+                last = max(wanted)
+                for n, frame in enumerate(_decoded(container, stream, p), start=1):
+                    i = n - 1
+                    if i in wanted:
+                        kept[i] = _to_array(frame, stream, transform)
+                    if i >= last:
+                        break
     out = [kept[int(i)] for i in indices if int(i) in kept]
     return (np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)), n
 
