@@ -18,7 +18,9 @@ def _fail(e: BaseException, debug: bool) -> None:
         traceback.print_exc()
     code = getattr(e, "exit_code", 1)
     msg = str(e) if isinstance(e, VidLLMError) else f"{type(e).__name__}: {e}"
-    click.echo(f"error: {msg}", err=True)
+    # file names need not be valid UTF-8: never fail while reporting a failure
+    msg = msg.splitlines()[0] if msg else type(e).__name__
+    click.echo(f"error: {msg}".encode("utf-8", "backslashreplace").decode("utf-8"), err=True)
     sys.exit(code)
 
 

@@ -36,6 +36,23 @@ def _context_length(model) -> int | None:
     return model.config.text_config.get("max_position_embeddings")
 
 
+def _check_context(model, processor, ids: np.ndarray, max_tokens: int, videos: list) -> None:
+    limit = _context_length(model)
+    if not limit or len(ids) + max_tokens <= limit:
+        return
+    hint = "use a shorter prompt or fewer --max-tokens"
+    per_frame = getattr(processor, "tokens_per_frame", None)
+    if videos and per_frame:
+        frames = len(videos[0])
+        room = limit - max_tokens - (len(ids) - frames * per_frame)
+        hint = (f"at most {max(room // per_frame, 0)} frames would fit (--num-frames), "
+                f"or lower --max-tokens")
+    raise ContextLengthError(
+        f"prompt is {len(ids)} tokens with the visual tokens, plus {max_tokens} to generate: more than the "
+        f"model's context of {limit}; {hint}"
+    )
+
+
 def stream_generate(
     model,
     processor,
@@ -69,12 +86,7 @@ def stream_generate(
     text = (processor.format_prompt(prompt, len(images), len(videos), system) if chat_template else prompt)
     inputs = processor(text, images=images, videos=videos)
     ids = inputs["input_ids"][0]
-    limit = _context_length(model)
-    if limit and len(ids) + max_tokens > limit:
-        raise ContextLengthError(
-            f"prompt is {len(ids)} tokens (with visual tokens) + {max_tokens} to generate, "
-            f"more than the model's context of {limit}; use fewer frames or a shorter prompt"
-        )
+    _check_context(model, processor, ids, max_tokens, videos)
     media_done = time.perf_counter()
 
     embeds = model.get_input_embeddings(**inputs)

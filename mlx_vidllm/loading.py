@@ -52,7 +52,10 @@ def load_weights(path: Path) -> dict[str, mx.array]:
         raise ModelError(f"{path}: no *.safetensors weights found")
     weights = {}
     for f in files:
-        weights.update(mx.load(f))
+        try:
+            weights.update(mx.load(f))
+        except Exception as e:  # truncated or foreign files: MLX raises several types
+            raise ModelError(f"{f}: not a readable safetensors file ({e})") from None
     return weights
 
 

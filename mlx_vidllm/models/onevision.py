@@ -237,6 +237,10 @@ class OneVisionProcessor(Processor):
         S = self.size
         return np.stack([self.norm(imgops.resize(f, S, S, self.resample)) for f in frames])
 
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.video_token_count(1) - self.video_token_count(0)
+
     def video_token_count(self, num_frames: int) -> int:
         p = -(-self.grid // 2)
         return num_frames * p * p + 1
