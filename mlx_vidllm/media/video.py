@@ -322,6 +322,8 @@ def load_video(
     if len(frames) < len(indices):  # the stream ended early: re-sample from the frames that really exist
         if decoded == 0:
             raise VideoError(f"{info.path}: no decodable video frames")
+        warnings.warn(f"{info.path}: the stream ends after {decoded} of the {info.num_frames} frames its header "
+                      f"announces (truncated file?); sampling from those", stacklevel=2)
         info = replace(info, num_frames=decoded, duration=decoded / info.avg_fps if info.avg_fps else 0.0)
         indices = pick(decoded)
         frames, _ = _read(path, indices, transform)

@@ -3,6 +3,11 @@
 Images use anyres_max_9 (base view + unpadded tile canvas with a newline per
 row); video frames are projected, bilinearly pooled 27x27 -> 14x14 and
 followed by a single newline after the last frame (196*T + 1 tokens).
+
+The video token layout and the pooling are options (`OneVisionConfig.video_layout`,
+`.pool_mode`, set with `processor.configure(...)` or `load(..., video_layout=...)`):
+LLaVA-Video was trained with the "grid" layout (a newline after every pooled row
+of every frame, p*(p+1)*T tokens); transformers implements only "one_token".
 """
 
 from __future__ import annotations
@@ -31,6 +36,34 @@ from .siglip import SiglipConfig, SiglipVisionModel
 # How many frames go through the vision tower at once: bounds memory on long videos.
 VISION_CHUNK = 16
 
+# Where image_newline goes in a video (LLaVA-NeXT's mm_newline_position):
+#   one_token: once after all frames (transformers' OneVision, p*p*T + 1)
+#   grid:      after every pooled row of every frame (LLaVA-Video training, p*(p+1)*T)
+#   frame:     after every frame (T*(p*p + 1));  no_token: nowhere (p*p*T)
+VIDEO_LAYOUTS = ("one_token", "grid", "frame", "no_token")
+# LLaVA-NeXT get_2dPool modes (stride 2): bilinear = interpolate to ceil(g/2) (align_corners=False),
+# average / max = avg_pool2d / max_pool2d(2) (floor(g/2)).
+POOL_MODES = ("bilinear", "average", "max")
+
+
+def check_video_options(video_layout: str | None = None, pool_mode: str | None = None) -> None:
+    if video_layout is not None and video_layout not in VIDEO_LAYOUTS:
+        raise ModelError(f"video_layout {video_layout!r} is not one of {', '.join(VIDEO_LAYOUTS)}")
+    if pool_mode is not None and pool_mode not in POOL_MODES:
+        raise ModelError(f"pool_mode {pool_mode!r} is not one of {', '.join(POOL_MODES)}")
+
+
+def video_pooled_side(grid: int, pool_mode: str) -> int:
+    """Side of a frame's feature grid after get_2dPool (stride 2)."""
+    return pooled_size(grid) if pool_mode == "bilinear" else grid // 2
+
+
+def video_token_count(grid: int, num_frames: int, video_layout: str = "one_token", pool_mode: str = "bilinear") -> int:
+    """Visual tokens of one video of `num_frames` frames."""
+    p = video_pooled_side(grid, pool_mode)
+    per_frame = {"grid": p * (p + 1), "frame": p * p + 1}.get(video_layout, p * p)
+    return num_frames * per_frame + (1 if video_layout == "one_token" else 0)
+
 
 @dataclass
 class OneVisionConfig:
@@ -43,6 +76,8 @@ class OneVisionConfig:
     vision_aspect_ratio: str = "anyres_max_9"
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool | None = None
+    video_layout: str = "one_token"  # see VIDEO_LAYOUTS
+    pool_mode: str = "bilinear"  # see POOL_MODES
 
     @property
     def max_tiles(self) -> int:
@@ -133,13 +168,33 @@ class Model(nn.Module):
         return blocks
 
     def video_features(self, frames: mx.array) -> mx.array:
-        """(T, S, S, 3) -> (196*T + 1, D): pooled frames in time order, then one newline."""
+        """(T, S, S, 3) -> visual tokens, by default (196*T + 1, D): pooled frames in time order, then one newline.
+
+        Other `config.video_layout` / `config.pool_mode` values follow LLaVA-NeXT's get_2dPool and
+        add_token_per_grid / add_token_per_frame (see VIDEO_LAYOUTS)."""
         g = self.config.vision.grid
         feats = self.encode_frames(frames)
         T, _, D = feats.shape
-        p = pooled_size(g)
-        pooled = bilinear_resize(feats.reshape(T, g, g, D), p, p).reshape(T * p * p, D)
-        return mx.concatenate([pooled, self.image_newline[None].astype(pooled.dtype)])
+        layout, mode = self.config.video_layout, self.config.pool_mode
+        check_video_options(layout, mode)
+        if (layout, mode) == ("one_token", "bilinear"):  # transformers' OneVision
+            p = pooled_size(g)
+            pooled = bilinear_resize(feats.reshape(T, g, g, D), p, p).reshape(T * p * p, D)
+            return mx.concatenate([pooled, self.image_newline[None].astype(pooled.dtype)])
+        x = feats.reshape(T, g, g, D)
+        p = video_pooled_side(g, mode)
+        if mode == "bilinear":
+            x = bilinear_resize(x, p, p)
+        else:  # avg_pool2d / max_pool2d with kernel = stride = 2, no padding: a trailing odd row/column is dropped
+            x = x[:, : 2 * p, : 2 * p].reshape(T, p, 2, p, 2, D)
+            x = x.mean(axis=(2, 4)) if mode == "average" else x.max(axis=(2, 4))
+        newline = self.image_newline.astype(x.dtype)
+        if layout == "grid":
+            x = mx.concatenate([x, mx.broadcast_to(newline, (T, p, 1, D))], axis=2)
+        elif layout == "frame":
+            x = mx.concatenate([x.reshape(T, p * p, D), mx.broadcast_to(newline, (T, 1, D))], axis=1)
+        x = x.reshape(-1, D)
+        return mx.concatenate([x, newline[None]]) if layout == "one_token" else x
 
     # --- merge and decode ----------------------------------------------------------------
 
@@ -194,8 +249,10 @@ class OneVisionProcessor(Processor):
         self.video_token_id = model_config.video_token_id
         vocab = tokenizer.get_vocab()
         for tok, tid in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
-            if vocab.get(tok) != tid:
-                raise ModelError(f"the tokenizer maps {tok} to {vocab.get(tok)}, the config expects id {tid}")
+            if tok not in vocab:
+                raise ModelError(f"the tokenizer has no {tok} token (the config expects id {tid})")
+            if vocab[tok] != tid:
+                raise ModelError(f"the tokenizer maps {tok} to id {vocab[tok]}, the config expects {tid}")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model_config) -> "OneVisionProcessor":
@@ -242,8 +299,15 @@ class OneVisionProcessor(Processor):
         return self.video_token_count(1) - self.video_token_count(0)
 
     def video_token_count(self, num_frames: int) -> int:
-        p = -(-self.grid // 2)
-        return num_frames * p * p + 1
+        return video_token_count(self.grid, num_frames, self.config.video_layout, self.config.pool_mode)
+
+    def configure(self, video_layout: str | None = None, pool_mode: str | None = None) -> None:
+        """Change the video token layout / pooling (shared with the model: its config is the same object)."""
+        check_video_options(video_layout, pool_mode)
+        if video_layout is not None:
+            self.config.video_layout = video_layout
+        if pool_mode is not None:
+            self.config.pool_mode = pool_mode
 
     def __call__(self, text: str, images: Sequence[ImageLike] | None = None,
                  videos: Sequence[VideoLike] | None = None) -> dict[str, Any]:
