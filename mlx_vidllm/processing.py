@@ -102,12 +102,18 @@ class Processor:
 
     # --- prompt ---------------------------------------------------------------------------
 
-    def format_prompt(self, question: str, num_images: int = 0, num_videos: int = 0, system: str | None = None) -> str:
-        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
-        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-        messages.append({"role": "user", "content": content + [{"type": "text", "text": question}]})
+    def format_prompt(self, question: str, num_images: int = 0, num_videos: int = 0, system: str | None = None,
+                      history: Sequence[tuple[str, str]] | None = None) -> str:
+        """The checkpoint's chat template applied to `question`, the media placeholders in the first
+        user turn; `history` holds earlier (user, assistant) turns of a conversation."""
         if not self.chat_template:
             raise ModelError("the checkpoint has no chat template; pass an already formatted prompt")
+        media = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        for i, (user, answer) in enumerate([*(history or []), (question, None)]):
+            messages.append({"role": "user", "content": (media if i == 0 else []) + [{"type": "text", "text": user}]})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
