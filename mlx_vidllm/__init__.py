@@ -15,6 +15,7 @@ _blas.preload()  # before anything imports mlx.core: see _blas.py
 from .convert import convert  # light: mlx-lm, tqdm and huggingface_hub are imported when it runs
 from .generate import GenerationResponse, generate, stream_generate
 from .loading import load
+from .chat import ChatSession
 
-__all__ = ["load", "generate", "stream_generate", "GenerationResponse", "convert"]
+__all__ = ["load", "generate", "stream_generate", "ChatSession", "GenerationResponse", "convert"]
 __version__ = "0.1.0"
