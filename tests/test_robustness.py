@@ -320,3 +320,39 @@ def test_ctrl_c_during_generation_keeps_the_text_and_exits_130(onevision_default
     assert first
     assert proc.returncode == 130, err
     assert b"interrupted" in err and b"Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------- security
+
+class _Evil:
+    """Unpickling this would create a file: a stand-in for arbitrary code in a checkpoint."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(onevision_default, tmp_path):
+    import pickle
+
+    victim = tmp_path / "pwned.txt"
+    model = model_copy(onevision_default, tmp_path / "evil_model", drop=("model.safetensors",))
+    with open(model / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"weight": _Evil(str(victim))}, f)
+    result = CliRunner().invoke(main, ["generate", *video_args(model, REAL_CLIP)])
+    assert result.exit_code == 4, result.output
+    assert "pytorch_model.bin: not a readable PyTorch state dict" in result.output
+    assert not victim.exists()
+    # the converter refuses it the same way and writes nothing
+    out = tmp_path / "converted"
+    result = CliRunner().invoke(main, ["convert", "--hf-path", str(model), "--mlx-path", str(out)])
+    assert result.exit_code != 0 and not out.exists() and not victim.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted")]
+
+
+def test_no_remote_code_is_ever_trusted():
+    """Nothing in the package passes trust_remote_code=True."""
+    for path in (ROOT / "mlx_vidllm").rglob("*.py"):
+        assert "trust_remote_code=True" not in path.read_text(), path
