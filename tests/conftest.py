@@ -94,3 +94,44 @@ def video_llava_default_reverted(tmp_path_factory) -> Path:
     return build_video_llava(
         tmp_path_factory.mktemp("video_llava_default_reverted"), key_format="v5_reverted", config_format="v5"
     )
+
+
+# --- LLaVA-Video ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llava_video_original(tmp_path_factory, onevision_default) -> Path:
+    """Tiny ORIGINAL-format (LLaVA-NeXT) LLaVA-Video checkpoint with the weights of ``onevision_default``; its
+    ``mm_vision_tower`` is a sibling folder holding a 3-layer SigLIP config (2 layers stored)."""
+    from tests.fixtures.llava_video import build_llava_video_original
+
+    root = tmp_path_factory.mktemp("llava_video_original")
+    return build_llava_video_original(root / "ckpt", onevision_default, root / "siglip-tower")
+
+
+@pytest.fixture(scope="session")
+def llava_video_hf(tmp_path_factory, onevision_default) -> Path:
+    """``onevision_default`` with the LLaVA-Video config fields a transformers conversion may keep."""
+    from tests.fixtures.llava_video import build_llava_video_hf
+
+    return build_llava_video_hf(tmp_path_factory.mktemp("llava_video_hf") / "ckpt", onevision_default)
+
+
+# --- LLaMA-VID -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_vid_default(tmp_path_factory) -> Path:
+    """Tiny LLaMA-VID checkpoint in the released layout (.bin shards + eva_vit_g.pth with one extra block +
+    tokenizer.model + bert/vocab.txt), compress_type "mean" (2 tokens per frame), 56 px EVA."""
+    from tests.fixtures.llama_vid import build_llama_vid
+
+    return build_llama_vid(tmp_path_factory.mktemp("llama_vid_default"), "default")
+
+
+@pytest.fixture(scope="session")
+def llama_vid_long(tmp_path_factory) -> Path:
+    """Tiny long-video LLaMA-VID: EVA inside the shards, rope_scaling linear x16, "mean_concat", 28 px EVA."""
+    from tests.fixtures.llama_vid import build_llama_vid
+
+    return build_llama_vid(tmp_path_factory.mktemp("llama_vid_long"), "long")

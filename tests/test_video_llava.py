@@ -32,6 +32,15 @@ REAL_CLIPS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny reference runs faster on one thread, and does not slow to a crawl when the cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def to_torch(inputs: dict) -> dict:
     """Our processor's arrays (channels-last) -> transformers' tensors (channels-first)."""
     out = {"input_ids": torch.tensor(np.asarray(inputs["input_ids"]), dtype=torch.long)}
@@ -130,7 +139,8 @@ def test_text_only_multi_turn_logits(pair, template):
     finally:
         processor.chat_template = chat_template
     assert text.count("USER:") == 3 and text.endswith("ASSISTANT:")
-    assert_logits_match(model, ref, processor(text), f"{name} text-only multi-turn ({'template' if template else 'fallback'})")
+    case = f"{name} text-only multi-turn ({'template' if template else 'fallback'})"
+    assert_logits_match(model, ref, processor(text), case)
 
 
 @pytest.mark.parametrize("kind", ["video", "image"])
@@ -255,12 +265,34 @@ def test_video_frames_preprocessed_like_images(video_llava_default):
     np.testing.assert_allclose(ours, theirs["pixel_values"].transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
 
 
+def test_normalization_read_from_preprocessor_config(video_llava_default, tmp_path):
+    """mean/std come from preprocessor_config.json; without them loading fails (no silent class defaults)."""
+    import json
+    import shutil
+
+    from mlx_vidllm.errors import ModelError
+
+    model, _ = load(video_llava_default, dtype="float32")
+    folder = Path(shutil.copytree(video_llava_default, tmp_path / "ckpt"))
+    pp_file = folder / "preprocessor_config.json"
+    pp = json.loads(pp_file.read_text())
+    pp_file.write_text(json.dumps({**pp, "image_mean": [0.5, 0.25, 0.125], "image_std": [0.5, 0.5, 0.25]}))
+    processor = VideoLlavaProcessor.from_pretrained(folder, model.config)
+    image = np.full((56, 56, 3), 255, np.uint8)
+    inputs = processor(processor.format_prompt("Q?", num_images=1), images=[image])
+    np.testing.assert_allclose(inputs["pixel_values"][0, 0, 0], [1.0, 1.5, 3.5], rtol=1e-6)
+    pp_file.write_text(json.dumps({k: v for k, v in pp.items() if k != "image_mean"}))
+    with pytest.raises(ModelError, match="image_mean"):
+        VideoLlavaProcessor.from_pretrained(folder, model.config)
+
+
 def test_prompt_format(video_llava_default):
     _, processor = load(video_llava_default, dtype="float32")
-    assert processor.format_prompt("Why is this funny?", num_videos=1) == "USER: <video>\nWhy is this funny? ASSISTANT:"
+    expected = "USER: <video>\nWhy is this funny? ASSISTANT:"  # the model card's format
+    assert processor.format_prompt("Why is this funny?", num_videos=1) == expected
     template, processor.chat_template = processor.chat_template, None
     try:  # no chat template: Video-LLaVA's own training format
-        assert processor.format_prompt("Why is this funny?", num_videos=1) == "USER: <video>\nWhy is this funny? ASSISTANT:"
+        assert processor.format_prompt("Why is this funny?", num_videos=1) == expected
         assert processor.format_prompt("Q?", num_images=1, num_videos=1) == "USER: <image>\n<video>\nQ? ASSISTANT:"
         assert processor.format_prompt("Q2?", num_videos=1, history=[("Q1?", "A1.")]) == \
             "USER: <video>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT:"

@@ -56,8 +56,7 @@ def _text_config(text_config: dict | None) -> dict:
     cfg = {**LLAMA_DEFAULTS, **cfg}
     if "rope_theta" not in cfg and "rope_theta" not in (cfg.get("rope_parameters") or {}):
         cfg["rope_theta"] = 10000.0
-    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-    if cfg["num_key_value_heads"] is None:
+    if cfg.get("num_key_value_heads") is None:  # LlamaConfig: no GQA unless stated
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     return cfg
 
@@ -212,8 +211,10 @@ class VideoLlavaProcessor(Processor):
         self.video_token_id = model_config.video_token_id
         vocab = tokenizer.get_vocab()
         for tok, tid in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
-            if vocab.get(tok) != tid:
-                raise ModelError(f"the tokenizer maps {tok} to {vocab.get(tok)}, the config expects id {tid}")
+            if tok not in vocab:
+                raise ModelError(f"the tokenizer has no {tok} token (the config expects id {tid})")
+            if vocab[tok] != tid:
+                raise ModelError(f"the tokenizer maps {tok} to id {vocab[tok]}, the config expects {tid}")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model_config: VideoLlavaConfig) -> "VideoLlavaProcessor":
@@ -231,8 +232,9 @@ class VideoLlavaProcessor(Processor):
             crop = (c, c) if isinstance(c, int) else (c["height"], c["width"])
         S = model_config.vision.image_size
         out = crop or (size.get("height"), size.get("width"))
-        if tuple(out) != (S, S):
-            raise ModelError(f"{pp_file}: images come out {out}, the vision tower expects {S}x{S}")
+        if tuple(out) != (S, S):  # the tower's position embedding fixes the input size
+            raise ModelError(f"{pp_file}: crop_size/size give {out[0]}x{out[1]} images, the vision tower "
+                             f"expects {S}x{S}")
         tokenizer = load_tokenizer(path)
         return cls(tokenizer, load_chat_template(path, tokenizer), eos_token_ids(path, tokenizer), model_config,
                    NormalizeConfig.from_preprocessor(pp, path), size, crop, pp.get("resample", 3))
@@ -287,7 +289,8 @@ class VideoLlavaProcessor(Processor):
         if self.chat_template:
             messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
             for i, (user, answer) in enumerate(turns):
-                messages.append({"role": "user", "content": (media if i == 0 else []) + [{"type": "text", "text": user}]})
+                content = (media if i == 0 else []) + [{"type": "text", "text": user}]
+                messages.append({"role": "user", "content": content})
                 if answer is not None:
                     messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
             return self.tokenizer.apply_chat_template(
