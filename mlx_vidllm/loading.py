@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ModelError
+from .models.blocks import use_prefill_friendly_quantization
 from .models.families import Family, detect_family, rename_keys
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -161,6 +162,7 @@ def quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict[str, 
                 "bits": weights[f"{path}.weight"].shape[-1] * 32 // in_dims, "mode": q.get("mode", "affine")}
 
     nn.quantize(model, group_size=q.get("group_size"), bits=q.get("bits"), class_predicate=predicate)
+    use_prefill_friendly_quantization(model)
 
 
 def apply_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype | None) -> None:

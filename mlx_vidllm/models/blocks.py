@@ -167,3 +167,26 @@ def sanitize_llava(model: nn.Module, weights: dict) -> dict:
     out = {k: v for k, v in out.items() if not k.startswith("language_model.")}
     out.update({f"language_model.{k}": v for k, v in lm_weights.items()})
     return out
+
+
+class PrefillQuantizedLinear(nn.QuantizedLinear):
+    """A quantized Linear whose large inputs (prefill, vision) take a float matmul.
+
+    MLX's quantized matmul is fast for a few rows (decoding) but, on the CPU backend, far slower
+    than dequantize-then-matmul for thousands of rows: a 4-bit decoder must never make the time
+    to first token worse than float. Metal keeps the quantized kernel everywhere."""
+
+    ROWS = 32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] < self.ROWS or mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, mode=self.mode)
+        y = x @ w.astype(x.dtype).T
+        return y + self.bias if "bias" in self else y
+
+
+def use_prefill_friendly_quantization(model: nn.Module) -> None:
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = PrefillQuantizedLinear
