@@ -301,6 +301,11 @@ class OneVisionProcessor(Processor):
     def video_token_count(self, num_frames: int) -> int:
         return video_token_count(self.grid, num_frames, self.config.video_layout, self.config.pool_mode)
 
+    @property
+    def cache_settings(self) -> tuple:
+        """What, besides the media and the sampling arguments, the visual features depend on (chat media cache)."""
+        return (self.config.video_layout, self.config.pool_mode)
+
     def configure(self, video_layout: str | None = None, pool_mode: str | None = None) -> None:
         """Change the video token layout / pooling (shared with the model: its config is the same object)."""
         check_video_options(video_layout, pool_mode)
