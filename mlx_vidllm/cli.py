@@ -48,8 +48,8 @@ def _run_options(f):
         click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1)),
         click.option("--seed", default=None, type=int, help="Random seed for sampling."),
         click.option("--num-frames", default=None, type=click.IntRange(min=1),
-                     help="Frames sampled uniformly over the whole video (default: the model's own rule, "
-                          "16 for OneVision)."),
+                     help="Frames sampled over the whole video (default: the model's own rule: 16 for OneVision, "
+                          "64 for LLaVA-Video, 8 for Video-LLaVA)."),
         click.option("--fps", default=None, type=click.FloatRange(min=0, min_open=True),
                      help="Sample at this rate instead of a fixed count."),
         click.option("--max-frames", default=None, type=click.IntRange(min=1), help="Cap on frames with --fps."),
@@ -219,6 +219,48 @@ def convert(hf_path, mlx_path, quantize, q_bits, q_group_size, dtype, quantize_v
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code
         _fail(e, debug)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option("--model", required=True, metavar="PATH_OR_REPO",
+              help="The model to check: the checkpoint the reference was recorded from, or an MLX folder converted "
+                   "from it (a quantized one too).")
+@click.option("--reference", required=True, metavar="REF.npz", type=click.Path(dir_okay=False),
+              help="Reference written by `python -m mlx_vidllm.parity record` (on a machine with torch, e.g. CUDA).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+@click.option("--atol", type=float, default=None,
+              help="float32: max |Δ logits| allowed (default 1e-4).")
+@click.option("--rtol", type=float, default=None,
+              help="Relative error allowed on the logits (half precision default 2e-2; on float32 it replaces "
+                   "--atol, e.g. 1e-3 for a full-size model).")
+@click.option("--top1", type=float, default=None, help="Top-1 agreement required (half precision default 0.99).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def verify(model, reference, as_json, atol, rtol, top1, debug):
+    """Check the MLX model against a recorded PyTorch reference, stage by stage.
+
+    Runs the model, in the reference's dtype, on the inputs stored in REF.npz (no video file needed) and
+    prints max |Δ|, relative error and top-1 agreement for the vision tower output, the merged input
+    embeddings and the logits, then the greedy tokens (first diverging step). Exit code 0 within the
+    tolerance of the recorded dtype (float32: max |Δ logits| <= 1e-4 and identical greedy tokens; half
+    precision: top-1 agreement >= 0.99 and relative error <= 2e-2), 7 outside it. A quantized model is
+    reported, not failed (exit 0): the numbers are then its quantization error.
+
+    \b
+    Example:
+      python -m mlx_vidllm.parity record --model M --video clip.mp4 --prompt "Q?" --out ref.npz --device cuda
+      mlx-vidllm verify --model M --reference ref.npz
+    """
+    from .parity.verify import format_report, report_json, verify_reference
+
+    try:
+        report = verify_reference(model, reference, atol=atol, rtol=rtol, top1=top1)
+    except KeyboardInterrupt:
+        click.echo("\n[interrupted]", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code
+        _fail(e, debug)
+    click.echo(report_json(report) if as_json else format_report(report))
+    sys.exit(report.exit_code)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ def stream_generate(
             video = processor.load_video(video, num_frames=num_frames, fps=fps, max_frames=max_frames)
         videos.append(video)
     text = (processor.format_prompt(prompt, len(images), len(videos), system) if chat_template else prompt)
-    inputs = processor(text, images=images, videos=videos)
+    # Processors whose visual tokens depend on the question (LLaMA-VID's QFormer) also get the bare question.
+    guided = {"question": prompt} if chat_template and getattr(processor, "takes_question", False) else {}
+    inputs = processor(text, images=images, videos=videos, **guided)
     ids = inputs["input_ids"][0]
     _check_context(model, processor, ids, max_tokens, videos)
     media_done = time.perf_counter()
