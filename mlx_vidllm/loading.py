@@ -32,7 +32,10 @@ def resolve_path(path_or_repo: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+        path = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+        if not any(path.glob("*.safetensors")):  # PyTorch-only repos (LLaMA-VID): weights are pickles
+            path = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS + ["*.bin", "*.pth", "bert/*"]))
+        return path
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
         raise ModelError(f"{name}: cannot download from the Hugging Face Hub ({type(e).__name__}: {e})") from None
 
@@ -94,7 +97,7 @@ def load_torch_pickle(file: Path) -> dict[str, mx.array]:
     try:
         import torch
     except ImportError:
-        raise ModelError(f"{file}: reading PyTorch checkpoints needs torch (pip install torch)") from None
+        raise ModelError(f"{file}: reading PyTorch checkpoints needs torch: pip install "mlx-vidllm[torch]"") from None
     if not file.is_file():
         raise ModelError(f"{file}: weight file is missing")
     try:
