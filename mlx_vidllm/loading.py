@@ -97,7 +97,7 @@ def load_torch_pickle(file: Path) -> dict[str, mx.array]:
     try:
         import torch
     except ImportError:
-        raise ModelError(f"{file}: reading PyTorch checkpoints needs torch: pip install "mlx-vidllm[torch]"") from None
+        raise ModelError(f"{file}: reading PyTorch checkpoints needs torch: pip install 'mlx-vidllm[torch]'") from None
     if not file.is_file():
         raise ModelError(f"{file}: weight file is missing")
     try:
