@@ -49,7 +49,7 @@ from ..processing import (ImageLike, NormalizeConfig, Processor, VideoLike, eos_
 from .blocks import sanitize_llava
 from .decoder import DECODER_KEYS, build_decoder, warn_unused_keys
 from .onevision import Model as OneVisionModel
-from .onevision import OneVisionConfig, OneVisionProcessor, check_video_options
+from .onevision import ONEVISION_CONFIG_KEYS, OneVisionConfig, OneVisionProcessor, check_video_options
 from .siglip import SiglipConfig
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # LLaVA-NeXT conv template qwen_1_5
@@ -168,7 +168,9 @@ class LlavaVideoConfig(OneVisionConfig):
     @classmethod
     def from_hf(cls, config: dict) -> "LlavaVideoConfig":
         """A transformers `llava_onevision` config that carries LLaVA-Video fields."""
-        extra = {k: config[k] for k in config if k in ORIGINAL_USED_KEYS | ORIGINAL_HARMLESS_KEYS}
+        # the LLaVA-Video fields on top of what the OneVision parser reads (image_grid_pinpoints is in both)
+        extra = {k: config[k] for k in config
+                 if k in ORIGINAL_USED_KEYS | ORIGINAL_HARMLESS_KEYS and k not in ONEVISION_CONFIG_KEYS}
         base = super().from_hf({k: v for k, v in config.items() if k not in extra})
         out = replace(base, **_video_options(extra, default_layout="grid"))
         out.config_vocab_size = out.text_config.get("vocab_size")

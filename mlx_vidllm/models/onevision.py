@@ -65,6 +65,15 @@ def video_token_count(grid: int, num_frames: int, video_layout: str = "one_token
     return num_frames * per_frame + (1 if video_layout == "one_token" else 0)
 
 
+# The keys of a transformers LlavaOnevisionConfig that OneVisionConfig.from_hf reads.
+ONEVISION_CONFIG_KEYS = {
+    "vision_config", "text_config", "image_token_index", "image_token_id", "video_token_index",
+    "video_token_id", "image_grid_pinpoints", "vision_feature_layer", "vision_aspect_ratio",
+    "projector_hidden_act", "tie_word_embeddings", "vision_feature_select_strategy",
+    "multimodal_projector_bias", "image_seq_length", "video_seq_length",
+}
+
+
 @dataclass
 class OneVisionConfig:
     vision: SiglipConfig
@@ -96,13 +105,7 @@ class OneVisionConfig:
             raise ValueError(f"vision_feature_select_strategy={strategy!r}: SigLIP has no CLS, expected 'full'")
         if config.get("multimodal_projector_bias", True) is not True:
             raise ValueError("multimodal_projector_bias=False is not supported")
-        used = {
-            "vision_config", "text_config", "image_token_index", "image_token_id", "video_token_index",
-            "video_token_id", "image_grid_pinpoints", "vision_feature_layer", "vision_aspect_ratio",
-            "projector_hidden_act", "tie_word_embeddings", "vision_feature_select_strategy",
-            "multimodal_projector_bias", "image_seq_length", "video_seq_length",
-        }
-        warn_unused_keys("config", config, used)
+        warn_unused_keys("config", config, ONEVISION_CONFIG_KEYS)
         return cls(
             vision=SiglipConfig(**{k: v for k, v in vc.items() if k in vision_keys}),
             text_config=config["text_config"],
