@@ -190,3 +190,23 @@ def use_prefill_friendly_quantization(model: nn.Module) -> None:
     for _, module in model.named_modules():
         if type(module) is nn.QuantizedLinear:
             module.__class__ = PrefillQuantizedLinear
+
+
+class LlavaModel(nn.Module):
+    """What the LLaVA-style families share once they can embed a processed prompt:
+    logits for it, the decoder's layers (for mlx-lm's caches), and weight sanitizing.
+    Subclasses define `get_input_embeddings(input_ids, **media) -> (L, D)` and `language_model`."""
+
+    def __call__(self, input_ids, cache=None, **media) -> mx.array:
+        """Logits (1, L, vocab) for a processed prompt (the processor's output dict)."""
+        ids = np.asarray(input_ids).reshape(1, -1)
+        embeds = self.get_input_embeddings(ids, **media)
+        return self.language_model(mx.array(ids), cache=cache, input_embeddings=embeds[None])
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        """Weights already under our names -> exactly this module's parameters."""
+        return sanitize_llava(self, weights)

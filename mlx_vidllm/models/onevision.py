@@ -29,7 +29,7 @@ from ..media import image as imgops
 from ..media.image import anyres_grid, anyres_max_shape, unpadded_shape
 from ..processing import (ImageLike, NormalizeConfig, Processor, VideoLike, eos_token_ids, load_chat_template,
                           load_image, load_tokenizer, read_json)
-from .blocks import MLPProjector, bilinear_resize, merge_placeholders, pooled_size, sanitize_llava
+from .blocks import LlavaModel, MLPProjector, bilinear_resize, merge_placeholders, pooled_size
 from .decoder import build_decoder, warn_unused_keys
 from .siglip import SiglipConfig, SiglipVisionModel
 
@@ -119,7 +119,7 @@ class OneVisionConfig:
         )
 
 
-class Model(nn.Module):
+class Model(LlavaModel):
     def __init__(self, config: OneVisionConfig, tie_word_embeddings: bool | None = None):
         super().__init__()
         self.config = config
@@ -222,20 +222,6 @@ class Model(nn.Module):
             videos = [self.video_features(mx.array(v)) for v in pixel_values_videos]
             embeds = merge_placeholders(embeds, ids, self.config.video_token_id, mx.concatenate(videos), "video")
         return embeds
-
-    def __call__(self, input_ids, cache=None, **media) -> mx.array:
-        """Logits (1, L, vocab) for a processed prompt (the processor's output dict)."""
-        ids = np.asarray(input_ids).reshape(1, -1)
-        embeds = self.get_input_embeddings(ids, **media)
-        return self.language_model(mx.array(ids), cache=cache, input_embeddings=embeds[None])
-
-    @property
-    def layers(self):
-        return self.language_model.layers
-
-    def sanitize(self, weights: dict) -> dict:
-        """Weights already under our names -> exactly this module's parameters."""
-        return sanitize_llava(self, weights)
 
 
 class OneVisionProcessor(Processor):
