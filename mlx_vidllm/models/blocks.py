@@ -11,11 +11,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu_kernels
+
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "gelu": nn.gelu,  # exact erf
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_new": nn.gelu_approx,
-    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "gelu_pytorch_tanh": cpu_kernels.gelu_tanh,  # numpy on the CPU backend: see cpu_kernels.py
+    "gelu_new": cpu_kernels.gelu_tanh,
+    "quick_gelu": cpu_kernels.quick_gelu,
     "silu": nn.silu,
 }
 
@@ -44,7 +46,7 @@ class VisionAttention(nn.Module):
             p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = cpu_kernels.attention(q, k, v, self.scale)  # mx.fast.scaled_dot_product_attention on Metal
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

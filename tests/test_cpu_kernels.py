@@ -1,0 +1,52 @@
+"""The CPU-backend kernels (numpy softmax / GELU) compute what MLX's own ops compute."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_vidllm.models import cpu_kernels
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Take the numpy path for any size (the tiny test models are below the size threshold)."""
+    monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS", 0)
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the numpy kernels are used on the CPU backend only")
+
+
+def test_activations_match_mlx(forced):
+    x = mx.random.normal((3, 257, 1031), key=mx.random.key(0)) * 4
+    assert cpu_kernels.use_numpy(x)
+    np.testing.assert_allclose(np.array(cpu_kernels.gelu_tanh(x)), np.array(nn.gelu_approx(x)), atol=2e-6)
+    np.testing.assert_allclose(np.array(cpu_kernels.quick_gelu(x)), np.array(x * mx.sigmoid(1.702 * x)), atol=2e-6)
+
+
+def test_attention_matches_fused_kernel(forced):
+    q, k, v = (mx.random.normal((2, 4, 197, 72), key=mx.random.key(i)) for i in range(3))
+    ours = cpu_kernels.attention(q, k, v, scale=72**-0.5)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=72**-0.5)
+    np.testing.assert_allclose(np.array(ours), np.array(fused), atol=1e-5)
+
+
+def test_small_or_half_inputs_stay_in_mlx(monkeypatch):
+    x = mx.ones((4, 4))
+    assert not cpu_kernels.use_numpy(x)
+    assert not cpu_kernels.use_numpy(mx.ones((1024, 1024), dtype=mx.float16))
+
+
+def test_onevision_parity_through_the_numpy_path(forced, onevision_default):
+    """The whole model with every activation and attention on the numpy path: still within 1e-4 of PyTorch."""
+    from mlx_vidllm import load
+    from tests.fixtures.onevision import load_reference
+    from tests.test_onevision import reference_logits, rgb, video
+
+    model, processor = load(onevision_default, dtype="float32")
+    ref = load_reference(onevision_default)
+    for inputs in (processor(processor.format_prompt("What?", num_videos=1), videos=[video(4, seed=1)]),
+                   processor(processor.format_prompt("What?", num_images=1), images=[rgb(200, 90, seed=2)])):
+        delta = np.abs(np.array(model(**inputs)) - reference_logits(ref, inputs)).max()
+        assert delta <= 1e-4, delta
