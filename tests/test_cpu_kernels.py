@@ -50,3 +50,38 @@ def test_onevision_parity_through_the_numpy_path(forced, onevision_default):
                    processor(processor.format_prompt("What?", num_images=1), images=[rgb(200, 90, seed=2)])):
         delta = np.abs(np.array(model(**inputs)) - reference_logits(ref, inputs)).max()
         assert delta <= 1e-4, delta
+
+
+@pytest.mark.parametrize("L,S,H,Hkv", [(37, 37, 4, 2), (700, 700, 14, 2), (300, 1100, 8, 8), (1, 50, 4, 1)])
+def test_causal_attention_matches_fused_kernel(forced, monkeypatch, L, S, H, Hkv):
+    """Prompt continuing a cached prefix (S > L), grouped-query heads, several query blocks."""
+    monkeypatch.setattr(cpu_kernels, "QUERY_BLOCK", 256)
+    q = mx.random.normal((1, H, L, 64), key=mx.random.key(1))
+    k, v = (mx.random.normal((1, Hkv, S, 64), key=mx.random.key(i)) for i in (2, 3))
+    ours = cpu_kernels.causal_attention(q, k, v, scale=0.125)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+    np.testing.assert_allclose(np.array(ours), np.array(fused), atol=1e-5)
+
+
+def test_decoder_attention_is_installed_in_mlx_lm(onevision_default):
+    import mlx_lm.models.qwen2 as qwen2
+
+    from mlx_vidllm import load
+
+    load(onevision_default)
+    assert getattr(qwen2.scaled_dot_product_attention, "cpu_kernels", False)
+
+
+def test_generation_through_the_numpy_path_matches_transformers(forced, onevision_default):
+    """Greedy tokens with prefill and every attention on the numpy path (decode steps use mlx-lm's)."""
+    from mlx_vidllm import load, stream_generate
+    from tests.fixtures.onevision import load_reference
+    from tests.test_onevision import reference_greedy, video
+
+    model, processor = load(onevision_default, dtype="float32")
+    frames = video(3, seed=5)
+    inputs = processor(processor.format_prompt("Describe it.", num_videos=1), videos=[frames])
+    expected = reference_greedy(load_reference(onevision_default), inputs, processor.eos_token_ids, 20)
+    ours = [r.token for r in stream_generate(model, processor, "Describe it.", video=frames, max_tokens=20)
+            if r.token not in processor.eos_token_ids]
+    assert ours == expected and len(expected) >= 5

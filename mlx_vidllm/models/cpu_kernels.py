@@ -88,3 +88,66 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     scores = (q * scale) @ k.swapaxes(-1, -2)
     return _rows_in_parallel(_softmax, scores) @ v
+
+
+# --- the decoder's causal attention (prefill) ---------------------------------------------------------
+
+QUERY_BLOCK = 512  # query rows per block: bounds the score matrix for long prompts (13k-token videos)
+
+
+def _causal_softmax(first: int, rows: int) -> Callable[[np.ndarray, np.ndarray], None]:
+    """Softmax over blocks of `rows` query rows whose row i may see key columns [0, first + i]."""
+
+    def fn(src: np.ndarray, dst: np.ndarray) -> None:
+        width = src.shape[-1] // rows
+        out = dst.reshape(-1, rows, width)
+        np.copyto(out, src.reshape(-1, rows, width))
+        hidden = np.arange(width)[None, :] > (first + np.arange(rows))[:, None]
+        out[:, hidden] = -np.inf
+        out -= out.max(axis=-1, keepdims=True)
+        np.exp(out, out=out)
+        out /= out.sum(axis=-1, keepdims=True)
+
+    return fn
+
+
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q kᵀ · scale + causal mask) v for q (B, H, L, d) and k, v (B, Hkv, S, d), S >= L: query i
+    sees keys up to S - L + i (the prompt continues a cached prefix). Grouped-query heads are matched by
+    reshaping q, never by copying k/v. Blocks of queries keep memory bounded."""
+    B, H, L, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep, offset = H // Hkv, S - L
+    qg = (q * scale).reshape(B, Hkv, rep, L, d)
+    kt = k.swapaxes(-1, -2)[:, :, None]
+    vg = v[:, :, None]
+    out = []
+    for start in range(0, L, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, L)
+        width = offset + stop  # keys any query of this block may see
+        scores = qg[:, :, :, start:stop] @ kt[..., :width]
+        first = offset + start  # the block's first query sees keys [0, first]
+        rows = stop - start
+        # one row per (batch, head): the block's (rows, width) scores flattened, split across cores by head
+        probs = _rows_in_parallel(_causal_softmax(first, rows), scores.reshape(-1, rows * width))
+        out.append(probs.reshape(scores.shape) @ vg[..., :width, :])
+    return mx.concatenate(out, axis=3).reshape(B, H, L, d) if len(out) > 1 else out[0].reshape(B, H, L, d)
+
+
+def _decoder_sdpa(original):
+    def sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+        if (isinstance(mask, str) and mask == "causal" and sinks is None and not hasattr(cache, "bits")
+                and use_numpy(queries) and queries.shape[-2] * keys.shape[-2] * queries.shape[1] >= MIN_ELEMENTS):
+            return causal_attention(queries, keys, values, scale)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    sdpa.cpu_kernels = True
+    return sdpa
+
+
+def install_decoder_attention(model_module) -> None:
+    """Route an mlx-lm model module's attention through `causal_attention` for large CPU prefills.
+    mlx-lm's own function still serves decoding steps, masks given as arrays, quantized caches and Metal."""
+    current = getattr(model_module, "scaled_dot_product_attention", None)
+    if current is not None and not getattr(current, "cpu_kernels", False):
+        model_module.scaled_dot_product_attention = _decoder_sdpa(current)

@@ -5,11 +5,14 @@ samplers are reused as they are. This module only turns a Hugging Face
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes
+
+from . import cpu_kernels
 
 # Keys of a transformers config that change nothing at inference time.
 GENERIC_CONFIG_KEYS = {
@@ -74,4 +77,6 @@ def decoder_args(text_config: dict, tie_word_embeddings: bool | None = None) -> 
 def build_decoder(text_config: dict, tie_word_embeddings: bool | None = None) -> nn.Module:
     cfg = decoder_args(text_config, tie_word_embeddings)
     model_class, args_class = _get_classes(cfg)
+    # large CPU prefills: causal softmax in numpy, query blocks (see cpu_kernels.py)
+    cpu_kernels.install_decoder_attention(sys.modules[model_class.__module__])
     return model_class(args_class.from_dict(cfg))
