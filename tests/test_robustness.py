@@ -356,3 +356,20 @@ def test_no_remote_code_is_ever_trusted():
     """Nothing in the package passes trust_remote_code=True."""
     for path in (ROOT / "mlx_vidllm").rglob("*.py"):
         assert "trust_remote_code=True" not in path.read_text(), path
+
+
+def test_checkpoint_index_cannot_point_outside_its_folder(onevision_default, tmp_path):
+    """A weight index naming ../ paths reads only files inside the model folder, and a conversion of it
+    writes nothing outside --mlx-path."""
+    import json as _json
+
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not for you")
+    model = model_copy(onevision_default, tmp_path / "m" / "model", drop=("model.safetensors",))
+    (model / "pytorch_model.bin.index.json").write_text(_json.dumps({"weight_map": {"w": "../../outside.bin"}}))
+    result = CliRunner().invoke(main, ["generate", *video_args(model, REAL_CLIP)])
+    assert result.exit_code == 4 and "outside.bin: weight file is missing" in result.output, result.output
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(main, ["convert", "--hf-path", str(model), "--mlx-path", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and outside.read_bytes() == b"not for you"
