@@ -35,5 +35,6 @@ class ContextLengthError(VidLLMError, ValueError):
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 unexpected error, 2 bad command-line usage, 3 unusable video/image, "
-    "4 unusable model, 5 conversion failed, 6 prompt longer than the context, 130 interrupted."
+    "4 unusable model, 5 conversion failed, 6 prompt longer than the context, "
+    "7 outside the parity tolerance (verify), 130 interrupted."
 )
