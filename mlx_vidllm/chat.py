@@ -15,6 +15,7 @@ import copy
 import hashlib
 import os
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -54,6 +55,7 @@ def media_key(model, video, images, settings: tuple) -> tuple | None:
 
 @dataclass
 class _Entry:
+    model: "weakref.ref"  # id(model) in the key can be reused by another model once this one is gone
     frames: np.ndarray | None
     media_rows: mx.array | None = None  # features at the placeholder positions, in order
     prefix_ids: np.ndarray | None = None  # prompt prefix (through the last media token) and its KV
@@ -97,6 +99,9 @@ class ChatSession:
         settings = (self.num_frames, self.fps, self.max_frames, getattr(self.processor, "cache_settings", None))
         self._key = media_key(self.model, self.video, self.images, settings) if self._reusable else None
         self._entry = _ENTRIES.get(self._key) if self._key else None
+        if self._entry is not None and self._entry.model() is not self.model:
+            del _ENTRIES[self._key]  # a stale entry of a model that no longer exists
+            self._entry = None
         self._ids = np.zeros(0, np.int32)  # tokens whose KV is in self._cache
         self._cache = None
         if self._entry and self._entry.prefix_cache is not None:
@@ -113,7 +118,7 @@ class ChatSession:
             video = self.processor.load_video(video, num_frames=self.num_frames, fps=self.fps,
                                               max_frames=self.max_frames)
         if self._key:
-            self._entry = _Entry(frames=video)
+            self._entry = _Entry(model=weakref.ref(self.model), frames=video)
             _remember(self._key, self._entry)
         return [video]
 

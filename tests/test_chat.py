@@ -78,3 +78,25 @@ def test_cli_chat_answers_each_line(onevision_default):
             for line in proc.stderr.splitlines() if "time to first token" in line]
     assert ttft[1] < ttft[0]
     assert len(proc.stdout.strip().splitlines()) >= 2 or proc.stdout.count("\n") >= 2
+
+
+def test_cache_never_serves_another_models_features(onevision_default, onevision_tied):
+    """The cache key holds id(model); a later model that happens to reuse the id must not get the old entry."""
+    import gc
+
+    from mlx_vidllm import chat
+
+    model, processor = load(onevision_default, dtype="float32")
+    list(ChatSession(model, processor, video=VIDEO, num_frames=4).ask("What?", max_tokens=2))
+    key = next(reversed(chat._ENTRIES))
+    del model
+    gc.collect()
+    other, other_processor = load(onevision_tied, dtype="float32")
+    entry = chat._ENTRIES[key]
+    entry_model = entry.model()
+    assert entry_model is None or entry_model is not other
+    session = ChatSession(other, other_processor, video=VIDEO, num_frames=4)
+    if session._key == key:  # the id was reused: the stale entry must have been dropped
+        assert session._entry is None
+    answer = tokens(session.ask("What?", max_tokens=4))
+    assert answer == tokens(stream_generate(other, other_processor, "What?", video=VIDEO, num_frames=4, max_tokens=4))
