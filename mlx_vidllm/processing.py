@@ -100,6 +100,15 @@ class Processor:
         self.chat_template = chat_template
         self.eos_token_ids = eos_ids
 
+    def check_placeholder_tokens(self) -> None:
+        """The tokenizer must map `<image>`/`<video>` to the ids the model's config expects."""
+        vocab = self.tokenizer.get_vocab()
+        for tok, tid in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
+            if tok not in vocab:
+                raise ModelError(f"the tokenizer has no {tok} token (the config expects id {tid})")
+            if vocab[tok] != tid:
+                raise ModelError(f"the tokenizer maps {tok} to id {vocab[tok]}, the config expects {tid}")
+
     # --- prompt ---------------------------------------------------------------------------
 
     def format_prompt(self, question: str, num_images: int = 0, num_videos: int = 0, system: str | None = None,

@@ -195,12 +195,7 @@ class VideoLlavaProcessor(Processor):
         self.resample = Image.Resampling(resample)
         self.image_token_id = model_config.image_token_id
         self.video_token_id = model_config.video_token_id
-        vocab = tokenizer.get_vocab()
-        for tok, tid in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
-            if tok not in vocab:
-                raise ModelError(f"the tokenizer has no {tok} token (the config expects id {tid})")
-            if vocab[tok] != tid:
-                raise ModelError(f"the tokenizer maps {tok} to id {vocab[tok]}, the config expects {tid}")
+        self.check_placeholder_tokens()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model_config: VideoLlavaConfig) -> "VideoLlavaProcessor":
