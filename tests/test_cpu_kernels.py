@@ -85,3 +85,14 @@ def test_generation_through_the_numpy_path_matches_transformers(forced, onevisio
     ours = [r.token for r in stream_generate(model, processor, "Describe it.", video=frames, max_tokens=20)
             if r.token not in processor.eos_token_ids]
     assert ours == expected and len(expected) >= 5
+
+
+def test_in_place_activations_overwrite_a_fresh_linear_output(forced):
+    """The vision MLPs activate fc1's output in place (no copy back into MLX); the values are the same."""
+    from mlx_vidllm.models.blocks import activation
+
+    h = mx.random.normal((2, 300, 700), key=mx.random.key(4)) * 3
+    mx.eval(h)
+    expected = np.array(nn.gelu_approx(h))
+    out = activation("gelu_pytorch_tanh")(h)
+    np.testing.assert_allclose(np.array(out), expected, atol=2e-6)

@@ -4,6 +4,7 @@ bilinear resize (PyTorch semantics) and the placeholder merge."""
 from __future__ import annotations
 
 import math
+from functools import partial
 import re
 from typing import Callable
 
@@ -15,9 +16,10 @@ from . import cpu_kernels
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "gelu": nn.gelu,  # exact erf
-    "gelu_pytorch_tanh": cpu_kernels.gelu_tanh,  # numpy on the CPU backend: see cpu_kernels.py
-    "gelu_new": cpu_kernels.gelu_tanh,
-    "quick_gelu": cpu_kernels.quick_gelu,
+    # numpy on the CPU backend (see cpu_kernels.py), in place: every call site activates a fresh Linear output
+    "gelu_pytorch_tanh": partial(cpu_kernels.gelu_tanh, inplace=True),
+    "gelu_new": partial(cpu_kernels.gelu_tanh, inplace=True),
+    "quick_gelu": partial(cpu_kernels.quick_gelu, inplace=True),
     "silu": nn.silu,
 }
 

@@ -28,17 +28,30 @@ def use_numpy(x: mx.array) -> bool:
     return _ENABLED and x.dtype == mx.float32 and x.size >= MIN_ELEMENTS and mx.default_device() == mx.cpu
 
 
-def _rows_in_parallel(fn: Callable[[np.ndarray, np.ndarray], None], x: mx.array) -> mx.array:
-    """Apply fn(src, dst) to row blocks of x on every core (numpy releases the GIL in its loops)."""
+BLOCK_ELEMENTS = 1 << 16  # ~256 KB of float32 per task: every pass of a kernel stays in cache
+
+
+def _rows_in_parallel(fn: Callable[[np.ndarray, np.ndarray], None], x: mx.array, inplace: bool = False) -> mx.array:
+    """Apply fn(src, dst) to cache-sized row blocks of x on every core (numpy releases the GIL in its loops).
+
+    inplace=True writes the result over x's own (already evaluated) buffer and returns x: no 100+ MB copy
+    back into MLX. Only for arrays the caller just computed and nothing else refers to (a matmul output)."""
     src = np.array(x, copy=False).reshape(-1, x.shape[-1])
-    dst = np.empty_like(src)
-    blocks = np.array_split(np.arange(src.shape[0]), _THREADS)
-    spans = [(b[0], b[-1] + 1) for b in blocks if len(b)]
+    dst = src if inplace else np.empty_like(src)
+    rows = max(1, BLOCK_ELEMENTS // src.shape[-1])
+    spans = [(i, min(i + rows, src.shape[0])) for i in range(0, src.shape[0], rows)]
+
+    def run(span):
+        a, b = span
+        # in place: the kernel reads a cache-resident copy of its block while writing the block itself
+        fn(src[a:b].copy() if inplace else src[a:b], dst[a:b])
+
     if _POOL is None or len(spans) == 1:
-        fn(src, dst)
+        for span in spans:
+            run(span)
     else:
-        list(_POOL.map(lambda s: fn(src[s[0]:s[1]], dst[s[0]:s[1]]), spans))
-    return mx.array(dst.reshape(x.shape))
+        list(_POOL.map(run, spans, chunksize=max(1, len(spans) // (4 * _THREADS))))
+    return x if inplace else mx.array(dst.reshape(x.shape))
 
 
 def _gelu_tanh(src: np.ndarray, dst: np.ndarray) -> None:
@@ -62,16 +75,16 @@ def _quick_gelu(src: np.ndarray, dst: np.ndarray) -> None:
     np.divide(src, dst, out=dst)
 
 
-def gelu_tanh(x: mx.array) -> mx.array:
+def gelu_tanh(x: mx.array, inplace: bool = False) -> mx.array:
     if not use_numpy(x):
         return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    return _rows_in_parallel(_gelu_tanh, x)
+    return _rows_in_parallel(_gelu_tanh, x, inplace)
 
 
-def quick_gelu(x: mx.array) -> mx.array:
+def quick_gelu(x: mx.array, inplace: bool = False) -> mx.array:
     if not use_numpy(x):
         return x * mx.sigmoid(1.702 * x)
-    return _rows_in_parallel(_quick_gelu, x)
+    return _rows_in_parallel(_quick_gelu, x, inplace)
 
 
 def _softmax(src: np.ndarray, dst: np.ndarray) -> None:
@@ -87,7 +100,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     if not use_numpy(q) or q.shape[-2] * k.shape[-2] * q.shape[0] * q.shape[1] < MIN_ELEMENTS:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     scores = (q * scale) @ k.swapaxes(-1, -2)
-    return _rows_in_parallel(_softmax, scores) @ v
+    return _rows_in_parallel(_softmax, scores, inplace=True) @ v
 
 
 # --- the decoder's causal attention (prefill) ---------------------------------------------------------
@@ -129,7 +142,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
         first = offset + start  # the block's first query sees keys [0, first]
         rows = stop - start
         # one row per (batch, head): the block's (rows, width) scores flattened, split across cores by head
-        probs = _rows_in_parallel(_causal_softmax(first, rows), scores.reshape(-1, rows * width))
+        probs = _rows_in_parallel(_causal_softmax(first, rows), scores.reshape(-1, rows * width), inplace=True)
         out.append(probs.reshape(scores.shape) @ vg[..., :width, :])
     return mx.concatenate(out, axis=3).reshape(B, H, L, d) if len(out) > 1 else out[0].reshape(B, H, L, d)
 
