@@ -28,6 +28,7 @@ from mlx_vidllm import convert, load, stream_generate
 from mlx_vidllm.cli import main
 from mlx_vidllm.errors import ConversionError, ModelError
 from mlx_vidllm.models import families
+from tests.fixtures.media import rgb, video
 
 conv = importlib.import_module("mlx_vidllm.convert")  # the module (the package attribute is the function)
 
@@ -47,16 +48,6 @@ def checkpoint_fixtures() -> list[str]:
 
 
 FIXTURES = checkpoint_fixtures()
-
-
-def rgb(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
-
-
-def video(t: int, seed: int) -> np.ndarray:
-    return np.stack([rgb(48, 64, seed + i) for i in range(t)])
 
 
 def media_inputs(processor) -> dict:

@@ -42,7 +42,8 @@ def test_onevision_parity_through_the_numpy_path(forced, onevision_default):
     """The whole model with every activation and attention on the numpy path: still within 1e-4 of PyTorch."""
     from mlx_vidllm import load
     from tests.fixtures.onevision import load_reference
-    from tests.test_onevision import reference_logits, rgb, video
+    from tests.fixtures.media import rgb, video
+    from tests.test_onevision import reference_logits
 
     model, processor = load(onevision_default, dtype="float32")
     ref = load_reference(onevision_default)
@@ -76,7 +77,8 @@ def test_generation_through_the_numpy_path_matches_transformers(forced, onevisio
     """Greedy tokens with prefill and every attention on the numpy path (decode steps use mlx-lm's)."""
     from mlx_vidllm import load, stream_generate
     from tests.fixtures.onevision import load_reference
-    from tests.test_onevision import reference_greedy, video
+    from tests.fixtures.media import video
+    from tests.test_onevision import reference_greedy
 
     model, processor = load(onevision_default, dtype="float32")
     frames = video(3, seed=5)

@@ -33,16 +33,11 @@ from mlx_vidllm.models import llama_vid
 from mlx_vidllm.models.eva import EVAVisionModel, bicubic_resize, interpolate_pos_embed
 from mlx_vidllm.models.llama_vid import IMAGE_TOKEN_INDEX, LlamaVidConfig
 from tests.fixtures.llama_vid import load_reference, synthetic_video
+from tests.fixtures.media import rgb
 
 ATOL = 1e-4
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is the dog doing in the video?"
-
-
-def rgb(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
 
 
 def frames(t: int, seed: int) -> np.ndarray:

@@ -32,6 +32,7 @@ from mlx_vidllm.models.llava_video import (KNOWN_TOWERS, LlavaVideoConfig, Video
 from mlx_vidllm.models.onevision import video_token_count
 from tests.fixtures.llava_video import build_siglip_tower
 from tests.fixtures.onevision import load_reference, preset, read_checkpoint_keys
+from tests.fixtures.media import rgb, video
 
 # Frames given as arrays carry no sampling metadata, so those prompts have no time instruction (by design).
 pytestmark = pytest.mark.filterwarnings("ignore:the video's sampling is unknown")
@@ -56,18 +57,6 @@ GOLDEN_REAL = (
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def rgb(h: int, w: int, seed: int) -> np.ndarray:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
-
-
-def video(t: int, seed: int) -> np.ndarray:
-    return np.stack([rgb(48, 64, seed + i) for i in range(t)])
 
 
 def quiet_prompt(processor, question=QUESTION, **kw) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from mlx_vidllm import load, stream_generate
 from tests.fixtures.onevision import load_hf_processor, load_reference
+from tests.fixtures.media import rgb, video
 
 ATOL = 1e-4
 EXAMPLE_VIDEO = "examples/videollava_sample_demo_1.mp4"
@@ -44,19 +45,6 @@ def reference_greedy(ref, inputs: dict, eos: set[int], n: int) -> list[int]:
         out = ref.generate(**t, max_new_tokens=n, do_sample=False, eos_token_id=sorted(eos), pad_token_id=0)
     tokens = out[0, t["input_ids"].shape[1]:].tolist()
     return [tok for tok in tokens if tok not in eos]
-
-
-def rgb(h: int, w: int, seed: int) -> np.ndarray:
-    """A smooth random image: bicubic resizes of it are well conditioned."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
-
-
-def video(t: int, seed: int) -> np.ndarray:
-    return np.stack([rgb(48, 64, seed + i) for i in range(t)])
 
 
 @pytest.fixture(scope="module", params=["onevision_default", "onevision_tied", "onevision_default_v5"])

@@ -20,6 +20,7 @@ from PIL import Image
 from mlx_vidllm import generate, load, stream_generate
 from mlx_vidllm.models.video_llava import VideoLlavaConfig, VideoLlavaProcessor
 from tests.fixtures.video_llava import CLIP_MEAN, CLIP_STD, load_hf_processor, load_reference
+from tests.fixtures.media import rgb, video
 
 ATOL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,17 +69,6 @@ def reference_greedy(ref, inputs: dict, eos: set[int], n: int) -> list[int]:
         out.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     return out
-
-
-def rgb(h: int, w: int, seed: int) -> np.ndarray:
-    """A smooth random image: bicubic resizes of it are well conditioned."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
-
-
-def video(t: int, seed: int, h: int = 48, w: int = 64) -> np.ndarray:
-    return np.stack([rgb(h, w, seed + i) for i in range(t)])
 
 
 def assert_logits_match(model, ref, inputs, case: str) -> float:
