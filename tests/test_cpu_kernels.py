@@ -98,3 +98,78 @@ def test_in_place_activations_overwrite_a_fresh_linear_output(forced):
     expected = np.array(nn.gelu_approx(h))
     out = activation("gelu_pytorch_tanh")(h)
     np.testing.assert_allclose(np.array(out), expected, atol=2e-6)
+
+
+# --- decoding: gemv, one-query attention, quantized weights ---------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_matches_mlx_matmul(forced, rows):
+    x = mx.random.normal((1, rows, 300), key=mx.random.key(5))
+    w, b = mx.random.normal((517, 300), key=mx.random.key(6)), mx.random.normal((517,), key=mx.random.key(7))
+    np.testing.assert_allclose(np.array(cpu_kernels.gemv(x, w, b)), np.array(x @ w.T + b), rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_layers_take_the_gemv_path(onevision_default, monkeypatch):
+    """Decoding steps of a float decoder go through gemv (Linear and the tied LM head); prefill does not."""
+    from mlx_vidllm import load
+
+    model, _ = load(onevision_default, dtype="float32")
+    calls = []
+    real = cpu_kernels.gemv
+    monkeypatch.setattr(cpu_kernels, "gemv", lambda x, w, b=None: calls.append(x.shape) or real(x, w, b))
+    lm = model.language_model
+    lm(mx.array([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]))
+    assert calls == []  # 10 rows: MLX's matmul
+    lm(mx.array([[3]]))
+    linears = sum(isinstance(m, nn.Linear) for _, m in lm.named_modules())
+    assert len(calls) == linears + (1 if lm.args.tie_word_embeddings else 0)
+
+
+@pytest.mark.parametrize("S,H,Hkv", [(1, 4, 2), (700, 14, 2), (300, 8, 8)])
+def test_decode_attention_matches_fused_kernel(S, H, Hkv):
+    """One query over a cache read through a strided slice (as mlx-lm's KVCache returns it)."""
+    q = mx.random.normal((1, H, 1, 64), key=mx.random.key(1))
+    k_buf, v_buf = (mx.random.normal((1, Hkv, S + 40, 64), key=mx.random.key(i)) for i in (2, 3))
+    k, v = k_buf[:, :, :S], v_buf[:, :, :S]
+    ours = cpu_kernels.decode_attention(q, k, v, scale=0.125)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125)
+    np.testing.assert_allclose(np.array(ours), np.array(fused), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (8, 64)])
+def test_dequantize_is_bit_identical_to_mlx(bits, group_size):
+    w = mx.random.normal((600, 384), key=mx.random.key(8))
+    q, scales, biases = mx.quantize(w, group_size, bits)
+    ours = np.array(cpu_kernels.dequantize(q, scales, biases, group_size, bits))
+    np.testing.assert_array_equal(ours, np.array(mx.dequantize(q, scales, biases, group_size, bits)))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_quantized_gemv_split_across_streams_matches_one_kernel(rows):
+    x = mx.random.normal((1, rows, 256), key=mx.random.key(9))
+    q, scales, biases = mx.quantize(mx.random.normal((1001, 256), key=mx.random.key(10)), 64, 4)
+    ours = cpu_kernels.quantized_gemv(x, q, scales, biases, 64, 4)
+    ref = mx.quantized_matmul(x, q, scales, biases, transpose=True, group_size=64, bits=4)
+    np.testing.assert_allclose(np.array(ours), np.array(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint", ["onevision_default", "onevision_tied"])
+def test_quantized_decoder_paths_agree(request, checkpoint):
+    """A 4-bit decoder: prefill (dequantize + matmul) and decoding steps (split quantized kernel, tied LM head
+    included) give the logits of MLX's own quantized layers."""
+    from mlx_vidllm import load
+    from mlx_vidllm.models.blocks import PrefillQuantizedLinear, SplitQuantizedEmbedding
+
+    model, _ = load(request.getfixturevalue(checkpoint), dtype="float32")
+    lm = model.language_model
+    nn.quantize(lm, group_size=32, bits=4)  # plain MLX layers: the reference
+    ids = mx.array([list(range(3, 40))])
+    ref_prefill, ref_step = lm(ids), lm(mx.array([[7]]))
+    from mlx_vidllm.models.blocks import use_prefill_friendly_quantization
+
+    use_prefill_friendly_quantization(lm)
+    assert any(isinstance(m, PrefillQuantizedLinear) for _, m in lm.named_modules())
+    assert isinstance(lm.model.embed_tokens, SplitQuantizedEmbedding)
+    np.testing.assert_allclose(np.array(lm(ids)), np.array(ref_prefill), atol=1e-4)
+    np.testing.assert_allclose(np.array(lm(mx.array([[7]]))), np.array(ref_step), atol=1e-4)

@@ -174,26 +174,48 @@ def sanitize_llava(model: nn.Module, weights: dict) -> dict:
 
 
 class PrefillQuantizedLinear(nn.QuantizedLinear):
-    """A quantized Linear whose large inputs (prefill, vision) take a float matmul.
+    """A quantized Linear for MLX's CPU backend: inputs of many rows (prefill, vision) take a float
+    matmul over the dequantized matrix, decoding steps the quantized kernel on every core.
 
-    MLX's quantized matmul is fast for a few rows (decoding) but, on the CPU backend, far slower
-    than dequantize-then-matmul for thousands of rows: a 4-bit decoder must never make the time
-    to first token worse than float. Metal keeps the quantized kernel everywhere."""
+    MLX's quantized matmul is fast for a few rows but, on the CPU backend, far slower than
+    dequantize-then-matmul for thousands of rows: a 4-bit decoder must never make the time to first
+    token worse than float. Metal keeps the quantized kernel everywhere."""
 
     ROWS = 32
 
+    def _quantized(self) -> tuple:
+        return self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode
+
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] < self.ROWS or mx.default_device() != mx.cpu:
+        if mx.default_device() != mx.cpu:
             return super().__call__(x)
-        w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, mode=self.mode)
-        y = x @ w.astype(x.dtype).T
+        if x.size // x.shape[-1] < self.ROWS:
+            if not cpu_kernels.quantized_gemv_applies(x):
+                return super().__call__(x)
+            y = cpu_kernels.quantized_gemv(x, *self._quantized())
+        else:
+            y = x @ cpu_kernels.dequantize(*self._quantized()).astype(x.dtype).T
         return y + self.bias if "bias" in self else y
+
+
+class SplitQuantizedEmbedding(nn.QuantizedEmbedding):
+    """A quantized tied LM head (Qwen2-0.5B: 151936 rows), on the CPU backend as PrefillQuantizedLinear."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        quantized = (self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode)
+        if cpu_kernels.quantized_gemv_applies(x):
+            return cpu_kernels.quantized_gemv(x, *quantized)
+        if mx.default_device() == mx.cpu and x.size // x.shape[-1] >= PrefillQuantizedLinear.ROWS:
+            return x @ cpu_kernels.dequantize(*quantized).astype(x.dtype).T  # logits for a whole prompt
+        return super().as_linear(x)
 
 
 def use_prefill_friendly_quantization(model: nn.Module) -> None:
     for _, module in model.named_modules():
         if type(module) is nn.QuantizedLinear:
             module.__class__ = PrefillQuantizedLinear
+        elif type(module) is nn.QuantizedEmbedding:
+            module.__class__ = SplitQuantizedEmbedding
 
 
 class LlavaModel(nn.Module):

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 MIN_ELEMENTS = 1 << 18  # below this the hand-off costs more than it saves
@@ -147,11 +148,38 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     return mx.concatenate(out, axis=3).reshape(B, H, L, d) if len(out) > 1 else out[0].reshape(B, H, L, d)
 
 
+DECODE_KEY_BLOCK = 256  # keys per product: small enough that OpenBLAS runs it on the calling thread
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Attention of one new query (B, H, 1, d) over the whole cache k, v (B, Hkv, S, d), in numpy.
+
+    MLX's CPU fallback took 1.8 ms per layer for one query over 1,600 cached keys (70 ms of a 170 ms
+    decoding step for Qwen2-0.5B). The products go in blocks of keys small enough for OpenBLAS to
+    keep them on one thread: its worker threads, once woken, spin and take the cores that MLX's own
+    decoding streams need (a 4-bit decoding step: 625 -> 457 ms). The cache is read in place."""
+    mx.eval(q, k, v)
+    B, H, _, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qn = np.array(q, copy=False).reshape(B, Hkv, H // Hkv, d) * np.float32(scale)
+    kn, vn = np.array(k, copy=False), np.array(v, copy=False)  # strided views of the cache
+    blocks = [slice(a, a + DECODE_KEY_BLOCK) for a in range(0, S, DECODE_KEY_BLOCK)]
+    scores = np.concatenate([qn @ kn[:, :, b].swapaxes(-1, -2) for b in blocks], axis=-1)  # (B, Hkv, rep, S)
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = sum(scores[..., b] @ vn[:, :, b] for b in blocks)
+    return mx.array(out.reshape(B, H, 1, d))
+
+
 def _decoder_sdpa(original):
     def sdpa(queries, keys, values, cache, scale, mask, sinks=None):
-        if (isinstance(mask, str) and mask == "causal" and sinks is None and not hasattr(cache, "bits")
-                and use_numpy(queries) and queries.shape[-2] * keys.shape[-2] * queries.shape[1] >= MIN_ELEMENTS):
+        plain = sinks is None and not hasattr(cache, "bits") and _ENABLED and mx.default_device() == mx.cpu
+        if (plain and isinstance(mask, str) and mask == "causal" and use_numpy(queries)
+                and queries.shape[-2] * keys.shape[-2] * queries.shape[1] >= MIN_ELEMENTS):
             return causal_attention(queries, keys, values, scale)
+        if plain and mask is None and queries.shape[-2] == 1 and queries.dtype == keys.dtype == mx.float32:
+            return decode_attention(queries, keys, values, scale)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     sdpa.cpu_kernels = True
@@ -164,3 +192,117 @@ def install_decoder_attention(model_module) -> None:
     current = getattr(model_module, "scaled_dot_product_attention", None)
     if current is not None and not getattr(current, "cpu_kernels", False):
         model_module.scaled_dot_product_attention = _decoder_sdpa(current)
+
+
+# --- decoding: matrix-vector products ------------------------------------------------------------------
+
+GEMV_ROWS = 8  # inputs with at most this many rows (decoding steps) take numpy's gemv
+
+
+def _gemv_applies(x: mx.array, weight: mx.array) -> bool:
+    return (_ENABLED and x.dtype == weight.dtype == mx.float32 and x.size // x.shape[-1] <= GEMV_ROWS
+            and mx.default_device() == mx.cpu)
+
+
+def gemv(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T (+ bias) for a few rows of x, by OpenBLAS's matrix-vector product.
+
+    Decoding reads every weight once per token: it is bound by memory bandwidth. MLX's CPU backend
+    hands a one-row product to sgemm, which streams the weights at ~8-11 GB/s here; numpy's
+    row-major gemv over the same (zero-copy) buffer reads them at ~21 GB/s (measured, 2 cores)."""
+    mx.eval(x)
+    rows = np.array(x, copy=False).reshape(-1, x.shape[-1])
+    w = np.array(weight, copy=False)
+    y = (w @ rows[0])[None] if len(rows) == 1 else (w @ rows.T).T
+    if bias is not None:
+        y += np.array(bias, copy=False)
+    return mx.array(y.reshape(*x.shape[:-1], w.shape[0]))
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose decoding steps on the CPU backend go through `gemv`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _gemv_applies(x, self.weight):
+            return gemv(x, self.weight, self.get("bias"))
+        return super().__call__(x)
+
+
+class GemvEmbedding(nn.Embedding):
+    """nn.Embedding used as a tied LM head: the largest matrix of a small decoder (Qwen2-0.5B: 544 MB)."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if _gemv_applies(x, self.weight):
+            return gemv(x, self.weight)
+        return super().as_linear(x)
+
+
+def install_decoder_gemv(decoder: nn.Module) -> None:
+    """Give an mlx-lm decoder's float Linear and Embedding layers the gemv decoding path. Quantizing
+    afterwards replaces them as usual (to_quantized is inherited)."""
+    for _, module in decoder.named_modules():
+        if type(module) is nn.Linear:
+            module.__class__ = GemvLinear
+        elif type(module) is nn.Embedding:
+            module.__class__ = GemvEmbedding
+
+
+# --- quantized weights ---------------------------------------------------------------------------------
+
+_NIBBLES = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=-1).astype(np.float32)  # byte -> 2 values
+_DEQUANTIZE_ROWS = 256
+
+
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+               mode: str = "affine") -> mx.array:
+    """Float32 weights of an affine-quantized matrix (as mx.dequantize). On the CPU backend 4- and 8-bit
+    matrices unpack in numpy on every core through a byte -> values table: 2.6x faster than MLX's
+    one-thread loop here (7 vs 19 ms for 4864x896), bit-identical. Prefill with a 4-bit decoder
+    dequantizes every matrix once per forward pass, so this is part of its time to first token."""
+    if not (_ENABLED and mode == "affine" and biases is not None and bits in (4, 8)
+            and mx.default_device() == mx.cpu and w.ndim == 2):
+        return mx.dequantize(w, scales, biases, group_size, bits, mode=mode).astype(mx.float32)
+    packed = np.array(w, copy=False).view(np.uint8)  # little-endian: element 0 in the low bits
+    s = np.array(scales.astype(mx.float32), copy=False)
+    b = np.array(biases.astype(mx.float32), copy=False)
+    rows, cols = packed.shape[0], packed.shape[1] * 8 // bits
+    out = np.empty((rows, cols), np.float32)
+
+    def run(start: int) -> None:
+        stop = min(start + _DEQUANTIZE_ROWS, rows)
+        if bits == 4:
+            np.take(_NIBBLES, packed[start:stop], axis=0, out=out[start:stop].reshape(stop - start, -1, 2))
+        else:
+            out[start:stop] = packed[start:stop]
+        groups = out[start:stop].reshape(stop - start, -1, group_size)
+        groups *= s[start:stop, :, None]
+        groups += b[start:stop, :, None]
+
+    starts = range(0, rows, _DEQUANTIZE_ROWS)
+    list(_POOL.map(run, starts)) if _POOL is not None else [run(i) for i in starts]
+    return mx.array(out)
+
+
+_STREAMS: list = []
+
+
+def quantized_gemv_applies(x: mx.array) -> bool:
+    return _ENABLED and _THREADS > 1 and x.size // x.shape[-1] <= GEMV_ROWS and mx.default_device() == mx.cpu
+
+
+def quantized_gemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                   bits: int, mode: str = "affine") -> mx.array:
+    """x @ dequantize(w).T for a few rows of x: MLX's quantized kernel, with the output rows split across
+    one CPU stream per core. MLX runs each stream's work on its own thread; one stream leaves the other
+    cores idle while decoding with a quantized decoder (measured 1.3-1.5x faster over 48 decoder
+    matrices, 2.3x for Qwen2-0.5B's 151936-row LM head)."""
+    if not _STREAMS:
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(_THREADS, 8)))
+    n = len(_STREAMS)
+    cuts = [len(w) * i // n for i in range(n + 1)]
+    parts = [
+        mx.quantized_matmul(x, w[a:b], scales[a:b], None if biases is None else biases[a:b], transpose=True,
+                            group_size=group_size, bits=bits, mode=mode, stream=stream)
+        for a, b, stream in zip(cuts, cuts[1:], _STREAMS)
+    ]
+    return mx.concatenate(parts, axis=-1)

@@ -79,4 +79,6 @@ def build_decoder(text_config: dict, tie_word_embeddings: bool | None = None) ->
     model_class, args_class = _get_classes(cfg)
     # large CPU prefills: causal softmax in numpy, query blocks (see cpu_kernels.py)
     cpu_kernels.install_decoder_attention(sys.modules[model_class.__module__])
-    return model_class(args_class.from_dict(cfg))
+    decoder = model_class(args_class.from_dict(cfg))
+    cpu_kernels.install_decoder_gemv(decoder)  # decoding steps: OpenBLAS gemv (see cpu_kernels.py)
+    return decoder
