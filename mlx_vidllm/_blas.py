@@ -67,3 +67,50 @@ def warn_if_slow() -> None:
 
     if mx.default_device() == mx.cpu:
         warnings.warn(f"MLX is using its slow reference BLAS on this machine; {HINT}", stacklevel=2)
+
+
+# --- numpy's own OpenBLAS ------------------------------------------------------------------------------
+# The CPU kernels run many small numpy products from several Python threads at once. OpenBLAS would
+# split each of them across its own worker threads too (4 threads fighting over 2 cores, and its idle
+# workers spin): those sections ask numpy's BLAS for one thread per call.
+
+_SET_NAMES = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+              "openblas_set_num_threads")
+_numpy_blas: tuple | None = None
+
+
+def _numpy_blas_threads():
+    """(get, set) for the OpenBLAS that numpy's wheel bundles, or None (Accelerate, MKL, not found)."""
+    global _numpy_blas
+    if _numpy_blas is None:
+        import numpy  # noqa: F401  (loads its BLAS)
+
+        _numpy_blas = ()
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+                paths = {line.split()[-1] for line in f if "openblas" in line and "numpy" in line}
+        except OSError:
+            paths = set()
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            for name in _SET_NAMES:
+                if hasattr(lib, name):
+                    get = getattr(lib, name.replace("set_num_threads", "get_num_threads"))
+                    get.restype = ctypes.c_int
+                    _numpy_blas = (get, getattr(lib, name))
+                    break
+    return _numpy_blas or None
+
+
+class numpy_blas_single_thread:
+    """Context manager: numpy's OpenBLAS runs each product on its calling thread."""
+
+    def __enter__(self):
+        self.blas = _numpy_blas_threads()
+        if self.blas:
+            self.before = self.blas[0]()
+            self.blas[1](1)
+
+    def __exit__(self, *exc):
+        if self.blas:
+            self.blas[1](self.before)

@@ -173,3 +173,14 @@ def test_quantized_decoder_paths_agree(request, checkpoint):
     assert isinstance(lm.model.embed_tokens, SplitQuantizedEmbedding)
     np.testing.assert_allclose(np.array(lm(ids)), np.array(ref_prefill), atol=1e-4)
     np.testing.assert_allclose(np.array(lm(mx.array([[7]]))), np.array(ref_step), atol=1e-4)
+
+
+def test_layer_norm_matches_mlx(forced):
+    from mlx_vidllm.models.blocks import LayerNorm
+
+    x = mx.random.normal((2, 300, 1152), key=mx.random.key(11)) * 3 + 1
+    norm = LayerNorm(1152, eps=1e-6)
+    norm.weight = mx.random.normal((1152,), key=mx.random.key(12))
+    norm.bias = mx.random.normal((1152,), key=mx.random.key(13))
+    expected = mx.fast.layer_norm(x, norm.weight, norm.bias, 1e-6)
+    np.testing.assert_allclose(np.array(norm(x)), np.array(expected), atol=1e-5)

@@ -63,15 +63,24 @@ class VisionMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; large float32 inputs on the CPU backend are normalized in numpy on every core."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "weight" in self and "bias" in self and cpu_kernels.use_numpy(x):
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
+
+
 class ViTEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block, key names as in transformers' CLIP/SigLIP."""
 
     def __init__(self, dims: int, num_heads: int, mlp_dims: int, act: str, eps: float):
         super().__init__()
         self.self_attn = VisionAttention(dims, num_heads)
-        self.layer_norm1 = nn.LayerNorm(dims, eps=eps)
+        self.layer_norm1 = LayerNorm(dims, eps=eps)
         self.mlp = VisionMLP(dims, mlp_dims, act)
-        self.layer_norm2 = nn.LayerNorm(dims, eps=eps)
+        self.layer_norm2 = LayerNorm(dims, eps=eps)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x))

@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .._blas import numpy_blas_single_thread
+
 MIN_ELEMENTS = 1 << 18  # below this the hand-off costs more than it saves
 _THREADS = max(1, os.cpu_count() or 1)
 _POOL = ThreadPoolExecutor(_THREADS) if _THREADS > 1 else None
@@ -88,6 +90,23 @@ def quick_gelu(x: mx.array, inplace: bool = False) -> mx.array:
     return _rows_in_parallel(_quick_gelu, x, inplace)
 
 
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """LayerNorm over the last axis. MLX's CPU kernel is one thread: ~95 ms for SigLIP's (8x729, 1152)
+    activations, twice per layer."""
+    w, b = np.array(weight, copy=False), np.array(bias, copy=False)
+
+    def fn(src: np.ndarray, dst: np.ndarray) -> None:
+        np.subtract(src, src.mean(axis=-1, keepdims=True), out=dst)
+        inv = np.square(dst).mean(axis=-1, keepdims=True)
+        inv += np.float32(eps)
+        np.sqrt(inv, out=inv)
+        dst /= inv
+        dst *= w
+        dst += b
+
+    return _rows_in_parallel(fn, x)
+
+
 def _softmax(src: np.ndarray, dst: np.ndarray) -> None:
     np.subtract(src, src.max(axis=-1, keepdims=True), out=dst)
     np.exp(dst, out=dst)
@@ -95,13 +114,34 @@ def _softmax(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Bidirectional attention (B, H, L, d). On Metal (and for small inputs) this is MLX's fused
-    kernel; on the CPU backend, whose attention is unfused anyway, the two matmuls stay in MLX
-    (BLAS) and only the softmax runs in numpy on all cores."""
+    """Bidirectional attention (B, H, L, d). On Metal (and for small inputs) this is MLX's fused kernel.
+
+    On the CPU backend, whose attention is unfused, each (batch, head) pair is one task on the thread
+    pool: its score matrix (729x729 for SigLIP: 2 MB) is computed, softmaxed and multiplied by v while it
+    is in cache, with single-threaded BLAS calls. Batched MLX matmuls + a softmax over the whole
+    (8, 16, 729, 729) tensor took 845 ms per SigLIP layer for 8 frames, this 266 ms."""
     if not use_numpy(q) or q.shape[-2] * k.shape[-2] * q.shape[0] * q.shape[1] < MIN_ELEMENTS:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    return _rows_in_parallel(_softmax, scores, inplace=True) @ v
+    mx.eval(q, k, v)
+    B, H, L, d = q.shape
+    qn, kn, vn = (np.array(t, copy=False) for t in (q, k, v))  # often strided views of (B, L, H, d)
+    out = np.empty((B, L, H, d), np.float32)  # the layout the output projection reads
+
+    def run(task: int) -> None:
+        b, h = divmod(task, H)
+        scores = (qn[b, h] * np.float32(scale)) @ kn[b, h].T
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[b, :, h] = scores @ vn[b, h]
+
+    with numpy_blas_single_thread():
+        if _POOL is None:
+            for task in range(B * H):
+                run(task)
+        else:
+            list(_POOL.map(run, range(B * H)))
+    return mx.array(out).transpose(0, 2, 1, 3)
 
 
 # --- the decoder's causal attention (prefill) ---------------------------------------------------------

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu_kernels
 from .blocks import ViTEncoderLayer
 
 
@@ -64,7 +65,7 @@ class EVAAttention(nn.Module):
         B, L, D = x.shape
         bias = mx.concatenate([self.q_bias, mx.zeros_like(self.v_bias), self.v_bias])
         qkv = (self.qkv(x) + bias).reshape(B, L, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        out = mx.fast.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+        out = cpu_kernels.attention(qkv[0], qkv[1], qkv[2], self.scale)  # the fused kernel on Metal
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
