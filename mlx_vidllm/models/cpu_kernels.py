@@ -31,6 +31,15 @@ def use_numpy(x: mx.array) -> bool:
     return _ENABLED and x.dtype == mx.float32 and x.size >= MIN_ELEMENTS and mx.default_device() == mx.cpu
 
 
+def _parallel(run: Callable[[int], None], tasks) -> None:
+    """run(task) for every task on the thread pool (numpy releases the GIL in its loops)."""
+    if _POOL is None:
+        for task in tasks:
+            run(task)
+    else:
+        list(_POOL.map(run, tasks))
+
+
 BLOCK_ELEMENTS = 1 << 16  # ~256 KB of float32 per task: every pass of a kernel stays in cache
 
 
@@ -107,12 +116,6 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
     return _rows_in_parallel(fn, x)
 
 
-def _softmax(src: np.ndarray, dst: np.ndarray) -> None:
-    np.subtract(src, src.max(axis=-1, keepdims=True), out=dst)
-    np.exp(dst, out=dst)
-    dst /= dst.sum(axis=-1, keepdims=True)
-
-
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """Bidirectional attention (B, H, L, d). On Metal (and for small inputs) this is MLX's fused kernel.
 
@@ -136,56 +139,64 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         out[b, :, h] = scores @ vn[b, h]
 
     with numpy_blas_single_thread():
-        if _POOL is None:
-            for task in range(B * H):
-                run(task)
-        else:
-            list(_POOL.map(run, range(B * H)))
+        _parallel(run, range(B * H))
     return mx.array(out).transpose(0, 2, 1, 3)
 
 
 # --- the decoder's causal attention (prefill) ---------------------------------------------------------
 
-QUERY_BLOCK = 512  # query rows per block: bounds the score matrix for long prompts (13k-token videos)
-
-
-def _causal_softmax(first: int, rows: int) -> Callable[[np.ndarray, np.ndarray], None]:
-    """Softmax over blocks of `rows` query rows whose row i may see key columns [0, first + i]."""
-
-    def fn(src: np.ndarray, dst: np.ndarray) -> None:
-        width = src.shape[-1] // rows
-        out = dst.reshape(-1, rows, width)
-        np.copyto(out, src.reshape(-1, rows, width))
-        hidden = np.arange(width)[None, :] > (first + np.arange(rows))[:, None]
-        out[:, hidden] = -np.inf
-        out -= out.max(axis=-1, keepdims=True)
-        np.exp(out, out=out)
-        out /= out.sum(axis=-1, keepdims=True)
-
-    return fn
+QUERY_BLOCK = 256  # query rows per task: the block's scores (256 x keys) stay in cache
 
 
 def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q kᵀ · scale + causal mask) v for q (B, H, L, d) and k, v (B, Hkv, S, d), S >= L: query i
-    sees keys up to S - L + i (the prompt continues a cached prefix). Grouped-query heads are matched by
-    reshaping q, never by copying k/v. Blocks of queries keep memory bounded."""
+    sees keys up to S - L + i (the prompt continues a cached prefix). Grouped-query heads read their
+    shared k/v in place. Each (batch, head, block of queries) is one task on the thread pool, computed
+    in cache with single-threaded BLAS (one Qwen2-0.5B layer, 1,603-token prefill: 380 -> 55 ms)."""
+    mx.eval(q, k, v)
     B, H, L, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep, offset = H // Hkv, S - L
-    qg = (q * scale).reshape(B, Hkv, rep, L, d)
-    kt = k.swapaxes(-1, -2)[:, :, None]
-    vg = v[:, :, None]
-    out = []
-    for start in range(0, L, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, L)
-        width = offset + stop  # keys any query of this block may see
-        scores = qg[:, :, :, start:stop] @ kt[..., :width]
-        first = offset + start  # the block's first query sees keys [0, first]
-        rows = stop - start
-        # one row per (batch, head): the block's (rows, width) scores flattened, split across cores by head
-        probs = _rows_in_parallel(_causal_softmax(first, rows), scores.reshape(-1, rows * width), inplace=True)
-        out.append(probs.reshape(scores.shape) @ vg[..., :width, :])
-    return mx.concatenate(out, axis=3).reshape(B, H, L, d) if len(out) > 1 else out[0].reshape(B, H, L, d)
+    qn, kn, vn = (np.array(t, copy=False) for t in (q, k, v))
+    out = np.empty((B, L, H, d), np.float32)  # the layout the output projection reads
+    blocks = [(a, min(a + QUERY_BLOCK, L)) for a in range(0, L, QUERY_BLOCK)]
+    future = np.triu(np.ones((QUERY_BLOCK, QUERY_BLOCK), bool), 1)  # row i must not see column > i
+
+    def run(task: int) -> None:
+        (b, h), (start, stop) = divmod(task // len(blocks), H), blocks[task % len(blocks)]
+        first, width, rows = offset + start, offset + stop, stop - start  # queries see keys [0, first + i]
+        kv = h // rep
+        scores = (qn[b, h, start:stop] * np.float32(scale)) @ kn[b, kv, :width].T
+        scores[:, first:width][future[:rows, :rows]] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[b, start:stop, h] = scores @ vn[b, kv, :width]
+
+    with numpy_blas_single_thread():
+        _parallel(run, range(B * H * len(blocks)))
+    return mx.array(out).transpose(0, 2, 1, 3)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, the decoder MLP's activation: on the CPU backend MLX evaluates the sigmoid one
+    element at a time on one thread (184 ms for a 1,603-token Qwen2-0.5B prefill, per layer)."""
+    mx.eval(gate, up)
+    g = np.array(gate, copy=False).reshape(-1, gate.shape[-1])
+    u = np.array(up, copy=False).reshape(-1, up.shape[-1])
+    out = np.empty_like(g)
+    rows = max(1, BLOCK_ELEMENTS // g.shape[-1])
+
+    def run(a: int) -> None:
+        dst = out[a:a + rows]
+        np.negative(g[a:a + rows], out=dst)
+        np.exp(dst, out=dst)
+        dst += 1
+        np.divide(g[a:a + rows], dst, out=dst)
+        dst *= u[a:a + rows]
+
+    _parallel(run, range(0, len(g), rows))
+    return mx.array(out.reshape(gate.shape))
 
 
 DECODE_KEY_BLOCK = 256  # keys per product: small enough that OpenBLAS runs it on the calling thread
@@ -226,12 +237,25 @@ def _decoder_sdpa(original):
     return sdpa
 
 
+def _decoder_swiglu(original):
+    def fn(gate, up):
+        if use_numpy(gate) and up.dtype == gate.dtype:
+            return swiglu(gate, up)
+        return original(gate, up)
+
+    fn.cpu_kernels = True
+    return fn
+
+
 def install_decoder_attention(model_module) -> None:
     """Route an mlx-lm model module's attention through `causal_attention` for large CPU prefills.
     mlx-lm's own function still serves decoding steps, masks given as arrays, quantized caches and Metal."""
     current = getattr(model_module, "scaled_dot_product_attention", None)
     if current is not None and not getattr(current, "cpu_kernels", False):
         model_module.scaled_dot_product_attention = _decoder_sdpa(current)
+    current = getattr(model_module, "swiglu", None)
+    if current is not None and not getattr(current, "cpu_kernels", False):
+        model_module.swiglu = _decoder_swiglu(current)
 
 
 # --- decoding: matrix-vector products ------------------------------------------------------------------
@@ -318,8 +342,7 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_siz
         groups *= s[start:stop, :, None]
         groups += b[start:stop, :, None]
 
-    starts = range(0, rows, _DEQUANTIZE_ROWS)
-    list(_POOL.map(run, starts)) if _POOL is not None else [run(i) for i in starts]
+    _parallel(run, range(0, rows, _DEQUANTIZE_ROWS))
     return mx.array(out)
 
 
