@@ -67,16 +67,16 @@ def _rows_in_parallel(fn: Callable[[np.ndarray, np.ndarray], None], x: mx.array,
 
 
 def _gelu_tanh(src: np.ndarray, dst: np.ndarray) -> None:
-    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place in dst
+    # 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + exp(-2u)):
+    # the same function with one exp instead of tanh (numpy's float32 tanh costs 1.8x its exp here)
     np.multiply(src, src, out=dst)
-    dst *= np.float32(0.044715)
-    dst += 1
+    dst *= np.float32(-2 * math.sqrt(2 / math.pi) * 0.044715)
+    dst -= np.float32(2 * math.sqrt(2 / math.pi))
     dst *= src
-    dst *= np.float32(math.sqrt(2 / math.pi))
-    np.tanh(dst, out=dst)
+    with np.errstate(over="ignore"):  # exp -> inf for very negative x: x / inf = -0, GELU's limit
+        np.exp(dst, out=dst)
     dst += 1
-    dst *= src
-    dst *= np.float32(0.5)
+    np.divide(src, dst, out=dst)
 
 
 def _quick_gelu(src: np.ndarray, dst: np.ndarray) -> None:
@@ -145,14 +145,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
 
 # --- the decoder's causal attention (prefill) ---------------------------------------------------------
 
-QUERY_BLOCK = 256  # query rows per task: the block's scores (256 x keys) stay in cache
+QUERY_BLOCK = 64  # query rows per head and task; with grouped-query heads, a task takes every head of a group
 
 
 def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q kᵀ · scale + causal mask) v for q (B, H, L, d) and k, v (B, Hkv, S, d), S >= L: query i
-    sees keys up to S - L + i (the prompt continues a cached prefix). Grouped-query heads read their
-    shared k/v in place. Each (batch, head, block of queries) is one task on the thread pool, computed
-    in cache with single-threaded BLAS (one Qwen2-0.5B layer, 1,603-token prefill: 380 -> 55 ms)."""
+    sees keys up to S - L + i (the prompt continues a cached prefix).
+
+    Each (batch, key/value head, block of queries) is one task on the thread pool: the block's queries of
+    every head sharing that k/v are stacked into one product, computed in cache with single-threaded
+    BLAS. One Qwen2-0.5B layer, 1,603-token prefill: 380 ms (MLX matmuls + numpy softmax) -> 92 ms;
+    6,300 tokens: 1.0 s."""
     mx.eval(q, k, v)
     B, H, L, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -163,18 +166,20 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     future = np.triu(np.ones((QUERY_BLOCK, QUERY_BLOCK), bool), 1)  # row i must not see column > i
 
     def run(task: int) -> None:
-        (b, h), (start, stop) = divmod(task // len(blocks), H), blocks[task % len(blocks)]
+        (b, g), (start, stop) = divmod(task // len(blocks), Hkv), blocks[task % len(blocks)]
         first, width, rows = offset + start, offset + stop, stop - start  # queries see keys [0, first + i]
-        kv = h // rep
-        scores = (qn[b, h, start:stop] * np.float32(scale)) @ kn[b, kv, :width].T
-        scores[:, first:width][future[:rows, :rows]] = -np.inf
+        heads = slice(g * rep, (g + 1) * rep)
+        queries = (qn[b, heads, start:stop] * np.float32(scale)).reshape(rep * rows, d)
+        scores = (queries @ kn[b, g, :width].T).reshape(rep, rows, width)
+        scores[:, :, first:width][:, future[:rows, :rows]] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out[b, start:stop, h] = scores @ vn[b, kv, :width]
+        values = scores.reshape(rep * rows, width) @ vn[b, g, :width]
+        out[b, start:stop, heads] = values.reshape(rep, rows, d).transpose(1, 0, 2)
 
     with numpy_blas_single_thread():
-        _parallel(run, range(B * H * len(blocks)))
+        _parallel(run, range(B * Hkv * len(blocks)))
     return mx.array(out).transpose(0, 2, 1, 3)
 
 
