@@ -40,6 +40,14 @@ def _parallel(run: Callable[[int], None], tasks) -> None:
         list(_POOL.map(run, tasks))
 
 
+def _output(shape: tuple) -> tuple[mx.array, np.ndarray]:
+    """A float32 array from MLX's allocator and a writable numpy view of it: kernels write their result
+    in place, with no copy into MLX afterwards, in buffers MLX reuses (no fresh pages to fault in)."""
+    result = mx.zeros(shape, mx.float32)
+    mx.eval(result)
+    return result, np.array(result, copy=False)
+
+
 BLOCK_ELEMENTS = 1 << 16  # ~256 KB of float32 per task: every pass of a kernel stays in cache
 
 
@@ -49,7 +57,8 @@ def _rows_in_parallel(fn: Callable[[np.ndarray, np.ndarray], None], x: mx.array,
     inplace=True writes the result over x's own (already evaluated) buffer and returns x: no 100+ MB copy
     back into MLX. Only for arrays the caller just computed and nothing else refers to (a matmul output)."""
     src = np.array(x, copy=False).reshape(-1, x.shape[-1])
-    dst = src if inplace else np.empty_like(src)
+    result, dst = (x, src) if inplace else _output(x.shape)
+    dst = dst.reshape(src.shape)
     rows = max(1, BLOCK_ELEMENTS // src.shape[-1])
     spans = [(i, min(i + rows, src.shape[0])) for i in range(0, src.shape[0], rows)]
 
@@ -63,7 +72,7 @@ def _rows_in_parallel(fn: Callable[[np.ndarray, np.ndarray], None], x: mx.array,
             run(span)
     else:
         list(_POOL.map(run, spans, chunksize=max(1, len(spans) // (4 * _THREADS))))
-    return x if inplace else mx.array(dst.reshape(x.shape))
+    return result
 
 
 def _gelu_tanh(src: np.ndarray, dst: np.ndarray) -> None:
@@ -116,31 +125,35 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
     return _rows_in_parallel(fn, x)
 
 
+ATTENTION_QUERY_BLOCK = 256  # query rows per task: a (256, 729) score block stays in a core's cache
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """Bidirectional attention (B, H, L, d). On Metal (and for small inputs) this is MLX's fused kernel.
 
-    On the CPU backend, whose attention is unfused, each (batch, head) pair is one task on the thread
-    pool: its score matrix (729x729 for SigLIP: 2 MB) is computed, softmaxed and multiplied by v while it
-    is in cache, with single-threaded BLAS calls. Batched MLX matmuls + a softmax over the whole
-    (8, 16, 729, 729) tensor took 845 ms per SigLIP layer for 8 frames, this 266 ms."""
+    On the CPU backend, whose attention is unfused, each (batch, head, block of queries) is one task on
+    the thread pool: its scores are computed, softmaxed and multiplied by v while in cache, with
+    single-threaded BLAS calls. Batched MLX matmuls + a softmax over the whole (8, 16, 729, 729) tensor
+    took 845 ms per SigLIP layer for 8 frames; one task per (frame, head) 358 ms; query blocks 304 ms."""
     if not use_numpy(q) or q.shape[-2] * k.shape[-2] * q.shape[0] * q.shape[1] < MIN_ELEMENTS:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     mx.eval(q, k, v)
     B, H, L, d = q.shape
     qn, kn, vn = (np.array(t, copy=False) for t in (q, k, v))  # often strided views of (B, L, H, d)
-    out = np.empty((B, L, H, d), np.float32)  # the layout the output projection reads
+    result, out = _output((B, L, H, d))  # the layout the output projection reads
+    blocks = [slice(a, a + ATTENTION_QUERY_BLOCK) for a in range(0, L, ATTENTION_QUERY_BLOCK)]
 
     def run(task: int) -> None:
-        b, h = divmod(task, H)
-        scores = (qn[b, h] * np.float32(scale)) @ kn[b, h].T
+        (b, h), rows = divmod(task // len(blocks), H), blocks[task % len(blocks)]
+        scores = (qn[b, h, rows] * np.float32(scale)) @ kn[b, h].T
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out[b, :, h] = scores @ vn[b, h]
+        out[b, rows, h] = scores @ vn[b, h]
 
     with numpy_blas_single_thread():
-        _parallel(run, range(B * H))
-    return mx.array(out).transpose(0, 2, 1, 3)
+        _parallel(run, range(B * H * len(blocks)))
+    return result.transpose(0, 2, 1, 3)
 
 
 # --- the decoder's causal attention (prefill) ---------------------------------------------------------
@@ -161,7 +174,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     Hkv, S = k.shape[1], k.shape[2]
     rep, offset = H // Hkv, S - L
     qn, kn, vn = (np.array(t, copy=False) for t in (q, k, v))
-    out = np.empty((B, L, H, d), np.float32)  # the layout the output projection reads
+    result, out = _output((B, L, H, d))  # the layout the output projection reads
     blocks = [(a, min(a + QUERY_BLOCK, L)) for a in range(0, L, QUERY_BLOCK)]
     future = np.triu(np.ones((QUERY_BLOCK, QUERY_BLOCK), bool), 1)  # row i must not see column > i
 
@@ -180,7 +193,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
 
     with numpy_blas_single_thread():
         _parallel(run, range(B * Hkv * len(blocks)))
-    return mx.array(out).transpose(0, 2, 1, 3)
+    return result.transpose(0, 2, 1, 3)
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
@@ -189,7 +202,8 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     mx.eval(gate, up)
     g = np.array(gate, copy=False).reshape(-1, gate.shape[-1])
     u = np.array(up, copy=False).reshape(-1, up.shape[-1])
-    out = np.empty_like(g)
+    result, out = _output(gate.shape)
+    out = out.reshape(g.shape)
     rows = max(1, BLOCK_ELEMENTS // g.shape[-1])
 
     def run(a: int) -> None:
@@ -201,7 +215,7 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
         dst *= u[a:a + rows]
 
     _parallel(run, range(0, len(g), rows))
-    return mx.array(out.reshape(gate.shape))
+    return result
 
 
 DECODE_KEY_BLOCK = 256  # keys per product: small enough that OpenBLAS runs it on the calling thread
@@ -335,7 +349,7 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_siz
     s = np.array(scales.astype(mx.float32), copy=False)
     b = np.array(biases.astype(mx.float32), copy=False)
     rows, cols = packed.shape[0], packed.shape[1] * 8 // bits
-    out = np.empty((rows, cols), np.float32)
+    result, out = _output((rows, cols))
 
     def run(start: int) -> None:
         stop = min(start + _DEQUANTIZE_ROWS, rows)
@@ -348,7 +362,7 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_siz
         groups += b[start:stop, :, None]
 
     _parallel(run, range(0, rows, _DEQUANTIZE_ROWS))
-    return mx.array(out)
+    return result
 
 
 _STREAMS: list = []
