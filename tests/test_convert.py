@@ -157,6 +157,21 @@ def test_dtype_cast(onevision_default, tmp_path):
     assert model.language_model.model.embed_tokens.weight.dtype == mx.float16
 
 
+def test_float16_folder_loads_as_float32_with_the_same_values(onevision_default, tmp_path):
+    """load(dtype=) casts tensor by tensor (the stored copy of each is dropped as it goes): every parameter
+    ends up float32 and equal to the stored float16 value."""
+    from mlx.utils import tree_flatten
+
+    out = convert(onevision_default, tmp_path / "f16", dtype="float16", quiet=True)
+    stored = {k: v for k, v in saved_tensors(out).items()}
+    model, _ = load(out, dtype="float32")
+    params = dict(tree_flatten(model.parameters()))
+    assert {str(v.dtype) for v in params.values()} == {"mlx.core.float32"}
+    key = next(k for k in stored if k.endswith("embed_tokens.weight"))
+    loaded = params[next(k for k in params if k.endswith("embed_tokens.weight"))]
+    assert mx.array_equal(loaded, stored[key].astype(mx.float32)).item()
+
+
 # --- quantization -------------------------------------------------------------------------------------------------
 
 

@@ -1,11 +1,19 @@
-"""Activation and softmax kernels for MLX's CPU backend.
+"""Kernels for MLX's CPU backend (Linux; a Mac runs Metal and never takes these paths).
 
-On Linux, MLX's CPU backend evaluates tanh/exp one element at a time on one
-thread: the vision MLP's GELU alone took ~18% of a SigLIP layer here (1.07 s of
-6 s for 8 frames), 4x slower than numpy's SIMD loops. On the CPU backend, for
-large float32 inputs, these activations run in numpy across the machine's cores
-instead (same formula, float32 rounding differences only). On Metal, and for
-small inputs, MLX's own ops run unchanged.
+MLX's CPU backend runs each op on one thread, evaluates tanh/exp one element at a time, has no fused
+attention, hands one-row products to sgemm and runs its quantized kernels as plain loops. Where that
+costs most, large float32 work goes to numpy on every core instead, reading and writing MLX's buffers
+in place (zero-copy views; results in buffers from MLX's allocator):
+
+- vision: GELU / quick GELU, LayerNorm, bidirectional attention per (frame, head, query block) in cache;
+- decoder prefill: causal attention per (key/value head, query block), swiglu;
+- decoder steps: OpenBLAS gemv for float layers and the tied LM head, one-query attention over the cache;
+- 4-bit layers: numpy dequantize for many rows, MLX's quantized kernel split across one stream per core
+  for a few.
+
+Same formulas as MLX's ops (float32 rounding differences only; tests/test_cpu_kernels.py compares each
+with MLX, the parity suite compares the models with PyTorch). On Metal, for small inputs and other dtypes
+MLX's own ops run unchanged; MLX_VIDLLM_CPU_KERNELS=0 turns them all off.
 """
 
 from __future__ import annotations
