@@ -182,6 +182,20 @@ def sanitize_llava(model: nn.Module, weights: dict) -> dict:
     return out
 
 
+def _cpu_quantized_product(x: mx.array, layer) -> mx.array | None:
+    """x @ Wᵀ for a quantized layer's W on MLX's CPU backend; None where MLX's own kernel serves (Metal,
+    kernels off). Many rows: one float matmul over the dequantized matrix. A few: MLX's quantized
+    kernel, split across one stream per core."""
+    if mx.default_device() != mx.cpu:
+        return None
+    quantized = (layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, layer.mode)
+    if x.size // x.shape[-1] >= PrefillQuantizedLinear.ROWS:
+        return x @ cpu_kernels.dequantize(*quantized).astype(x.dtype).T
+    if cpu_kernels.quantized_gemv_applies(x):
+        return cpu_kernels.quantized_gemv(x, *quantized)
+    return None
+
+
 class PrefillQuantizedLinear(nn.QuantizedLinear):
     """A quantized Linear for MLX's CPU backend: inputs of many rows (prefill, vision) take a float
     matmul over the dequantized matrix, decoding steps the quantized kernel on every core.
@@ -194,18 +208,10 @@ class PrefillQuantizedLinear(nn.QuantizedLinear):
     # rows) beats MLX's CPU quantized kernel, whose cost grows with every row (a short follow-up question).
     ROWS = 4
 
-    def _quantized(self) -> tuple:
-        return self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode
-
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu:
+        y = _cpu_quantized_product(x, self)
+        if y is None:
             return super().__call__(x)
-        if x.size // x.shape[-1] < self.ROWS:
-            if not cpu_kernels.quantized_gemv_applies(x):
-                return super().__call__(x)
-            y = cpu_kernels.quantized_gemv(x, *self._quantized())
-        else:
-            y = x @ cpu_kernels.dequantize(*self._quantized()).astype(x.dtype).T
         return y + self.bias if "bias" in self else y
 
 
@@ -213,12 +219,8 @@ class SplitQuantizedEmbedding(nn.QuantizedEmbedding):
     """A quantized tied LM head (Qwen2-0.5B: 151936 rows), on the CPU backend as PrefillQuantizedLinear."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        quantized = (self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode)
-        if cpu_kernels.quantized_gemv_applies(x):
-            return cpu_kernels.quantized_gemv(x, *quantized)
-        if mx.default_device() == mx.cpu and x.size // x.shape[-1] >= PrefillQuantizedLinear.ROWS:
-            return x @ cpu_kernels.dequantize(*quantized).astype(x.dtype).T  # logits for a whole prompt
-        return super().as_linear(x)
+        y = _cpu_quantized_product(x, self)
+        return super().as_linear(x) if y is None else y
 
 
 def use_prefill_friendly_quantization(model: nn.Module) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -39,13 +40,19 @@ def use_numpy(x: mx.array) -> bool:
     return _ENABLED and x.dtype == mx.float32 and x.size >= MIN_ELEMENTS and mx.default_device() == mx.cpu
 
 
-def _parallel(run: Callable[[int], None], tasks) -> None:
+def _parallel(run: Callable, tasks, chunksize: int = 1) -> None:
     """run(task) for every task on the thread pool (numpy releases the GIL in its loops)."""
-    if _POOL is None:
+    if _POOL is None or len(tasks) == 1:
         for task in tasks:
             run(task)
     else:
-        list(_POOL.map(run, tasks))
+        list(_POOL.map(run, tasks, chunksize=chunksize))
+
+
+def _views(*arrays: mx.array) -> list[np.ndarray]:
+    """Evaluate MLX arrays and return zero-copy numpy views of them (strided where the arrays are)."""
+    mx.eval(*arrays)
+    return [np.array(a, copy=False) for a in arrays]
 
 
 def _output(shape: tuple) -> tuple[mx.array, np.ndarray]:
@@ -75,11 +82,7 @@ def _rows_in_parallel(fn: Callable[[np.ndarray, np.ndarray], None], x: mx.array,
         # in place: the kernel reads a cache-resident copy of its block while writing the block itself
         fn(src[a:b].copy() if inplace else src[a:b], dst[a:b])
 
-    if _POOL is None or len(spans) == 1:
-        for span in spans:
-            run(span)
-    else:
-        list(_POOL.map(run, spans, chunksize=max(1, len(spans) // (4 * _THREADS))))
+    _parallel(run, spans, chunksize=max(1, len(spans) // (4 * _THREADS)))
     return result
 
 
@@ -145,9 +148,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     took 845 ms per SigLIP layer for 8 frames; one task per (frame, head) 358 ms; query blocks 304 ms."""
     if not use_numpy(q) or q.shape[-2] * k.shape[-2] * q.shape[0] * q.shape[1] < MIN_ELEMENTS:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    mx.eval(q, k, v)
     B, H, L, d = q.shape
-    qn, kn, vn = (np.array(t, copy=False) for t in (q, k, v))  # often strided views of (B, L, H, d)
+    qn, kn, vn = _views(q, k, v)  # often strided views of (B, L, H, d)
     result, out = _output((B, L, H, d))  # the layout the output projection reads
     blocks = [slice(a, a + ATTENTION_QUERY_BLOCK) for a in range(0, L, ATTENTION_QUERY_BLOCK)]
 
@@ -177,11 +179,10 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     every head sharing that k/v are stacked into one product, computed in cache with single-threaded
     BLAS. One Qwen2-0.5B layer, 1,603-token prefill: 380 ms (MLX matmuls + numpy softmax) -> 92 ms;
     6,300 tokens: 1.0 s."""
-    mx.eval(q, k, v)
     B, H, L, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep, offset = H // Hkv, S - L
-    qn, kn, vn = (np.array(t, copy=False) for t in (q, k, v))
+    qn, kn, vn = _views(q, k, v)
     result, out = _output((B, L, H, d))  # the layout the output projection reads
     blocks = [(a, min(a + QUERY_BLOCK, L)) for a in range(0, L, QUERY_BLOCK)]
     future = np.triu(np.ones((QUERY_BLOCK, QUERY_BLOCK), bool), 1)  # row i must not see column > i
@@ -207,9 +208,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up, the decoder MLP's activation: on the CPU backend MLX evaluates the sigmoid one
     element at a time on one thread (184 ms for a 1,603-token Qwen2-0.5B prefill, per layer)."""
-    mx.eval(gate, up)
-    g = np.array(gate, copy=False).reshape(-1, gate.shape[-1])
-    u = np.array(up, copy=False).reshape(-1, up.shape[-1])
+    g, u = (a.reshape(-1, gate.shape[-1]) for a in _views(gate, up))
     result, out = _output(gate.shape)
     out = out.reshape(g.shape)
     rows = max(1, BLOCK_ELEMENTS // g.shape[-1])
@@ -236,11 +235,10 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     decoding step for Qwen2-0.5B). The products go in blocks of keys small enough for OpenBLAS to
     keep them on one thread: its worker threads, once woken, spin and take the cores that MLX's own
     decoding streams need (a 4-bit decoding step: 625 -> 457 ms). The cache is read in place."""
-    mx.eval(q, k, v)
     B, H, _, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    qn = np.array(q, copy=False).reshape(B, Hkv, H // Hkv, d) * np.float32(scale)
-    kn, vn = np.array(k, copy=False), np.array(v, copy=False)  # strided views of the cache
+    qn, kn, vn = _views(q, k, v)  # k, v: strided views of the cache
+    qn = qn.reshape(B, Hkv, H // Hkv, d) * np.float32(scale)
     blocks = [slice(a, a + DECODE_KEY_BLOCK) for a in range(0, S, DECODE_KEY_BLOCK)]
     scores = np.concatenate([qn @ kn[:, :, b].swapaxes(-1, -2) for b in blocks], axis=-1)  # (B, Hkv, rep, S)
     scores -= scores.max(axis=-1, keepdims=True)
@@ -274,17 +272,6 @@ def _decoder_swiglu(original):
     return fn
 
 
-def install_decoder_attention(model_module) -> None:
-    """Route an mlx-lm model module's attention through `causal_attention` for large CPU prefills.
-    mlx-lm's own function still serves decoding steps, masks given as arrays, quantized caches and Metal."""
-    current = getattr(model_module, "scaled_dot_product_attention", None)
-    if current is not None and not getattr(current, "cpu_kernels", False):
-        model_module.scaled_dot_product_attention = _decoder_sdpa(current)
-    current = getattr(model_module, "swiglu", None)
-    if current is not None and not getattr(current, "cpu_kernels", False):
-        model_module.swiglu = _decoder_swiglu(current)
-
-
 # --- decoding: matrix-vector products ------------------------------------------------------------------
 
 GEMV_ROWS = 8  # inputs with at most this many rows (decoding steps) take numpy's gemv
@@ -301,9 +288,8 @@ def gemv(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.arra
     Decoding reads every weight once per token: it is bound by memory bandwidth. MLX's CPU backend
     hands a one-row product to sgemm, which streams the weights at ~8-11 GB/s here; numpy's
     row-major gemv over the same (zero-copy) buffer reads them at ~21 GB/s (measured, 2 cores)."""
-    mx.eval(x)
-    rows = np.array(x, copy=False).reshape(-1, x.shape[-1])
-    w = np.array(weight, copy=False)
+    rows, w = _views(x, weight)
+    rows = rows.reshape(-1, x.shape[-1])
     y = (w @ rows[0])[None] if len(rows) == 1 else (w @ rows.T).T
     if bias is not None:
         y += np.array(bias, copy=False)
@@ -328,14 +314,21 @@ class GemvEmbedding(nn.Embedding):
         return super().as_linear(x)
 
 
-def install_decoder_gemv(decoder: nn.Module) -> None:
-    """Give an mlx-lm decoder's float Linear and Embedding layers the gemv decoding path. Quantizing
-    afterwards replaces them as usual (to_quantized is inherited)."""
-    for _, module in decoder.named_modules():
-        if type(module) is nn.Linear:
-            module.__class__ = GemvLinear
-        elif type(module) is nn.Embedding:
-            module.__class__ = GemvEmbedding
+def install_decoder_kernels(decoder: nn.Module) -> None:
+    """Give an mlx-lm decoder the CPU paths: its module's attention (large causal prefills, one-query
+    decoding steps) and swiglu are wrapped, its float Linear and Embedding layers take gemv for decoding
+    steps. mlx-lm's own functions still serve Metal, masks given as arrays, quantized caches and small
+    inputs; quantizing afterwards replaces the layers as usual (to_quantized is inherited)."""
+    module = sys.modules[type(decoder).__module__]
+    for name, wrap in (("scaled_dot_product_attention", _decoder_sdpa), ("swiglu", _decoder_swiglu)):
+        current = getattr(module, name, None)
+        if current is not None and not getattr(current, "cpu_kernels", False):
+            setattr(module, name, wrap(current))
+    for _, layer in decoder.named_modules():
+        if type(layer) is nn.Linear:
+            layer.__class__ = GemvLinear
+        elif type(layer) is nn.Embedding:
+            layer.__class__ = GemvEmbedding
 
 
 # --- quantized weights ---------------------------------------------------------------------------------

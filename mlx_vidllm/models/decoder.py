@@ -5,7 +5,6 @@ samplers are reused as they are. This module only turns a Hugging Face
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any
 
@@ -77,8 +76,6 @@ def decoder_args(text_config: dict, tie_word_embeddings: bool | None = None) -> 
 def build_decoder(text_config: dict, tie_word_embeddings: bool | None = None) -> nn.Module:
     cfg = decoder_args(text_config, tie_word_embeddings)
     model_class, args_class = _get_classes(cfg)
-    # large CPU prefills: causal softmax in numpy, query blocks (see cpu_kernels.py)
-    cpu_kernels.install_decoder_attention(sys.modules[model_class.__module__])
     decoder = model_class(args_class.from_dict(cfg))
-    cpu_kernels.install_decoder_gemv(decoder)  # decoding steps: OpenBLAS gemv (see cpu_kernels.py)
+    cpu_kernels.install_decoder_kernels(decoder)  # MLX's CPU backend: see cpu_kernels.py
     return decoder
