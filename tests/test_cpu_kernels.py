@@ -138,11 +138,21 @@ def test_decode_attention_matches_fused_kernel(S, H, Hkv):
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (8, 64)])
-def test_dequantize_is_bit_identical_to_mlx(bits, group_size):
-    w = mx.random.normal((600, 384), key=mx.random.key(8))
-    q, scales, biases = mx.quantize(w, group_size, bits)
-    ours = np.array(cpu_kernels.dequantize(q, scales, biases, group_size, bits))
-    np.testing.assert_array_equal(ours, np.array(mx.dequantize(q, scales, biases, group_size, bits)))
+def test_dequantized_matmul_unpacks_bit_identically_to_mlx(bits, group_size):
+    """x = identity: the product is Wᵀ itself, so every dequantized value is compared exactly."""
+    q, scales, biases = mx.quantize(mx.random.normal((600, 384), key=mx.random.key(8)), group_size, bits)
+    ours = np.array(cpu_kernels.dequantized_matmul(mx.eye(384), q, scales, biases, group_size, bits))
+    np.testing.assert_array_equal(ours, np.array(mx.dequantize(q, scales, biases, group_size, bits)).T)
+
+
+@pytest.mark.parametrize("rows,n_out", [(4, 1001), (25, 300), (300, 4100)])
+def test_dequantized_matmul_matches_mlx(rows, n_out):
+    x = mx.random.normal((1, rows, 256), key=mx.random.key(14))
+    q, scales, biases = mx.quantize(mx.random.normal((n_out, 256), key=mx.random.key(15)), 64, 4)
+    ours = cpu_kernels.dequantized_matmul(x, q, scales, biases, 64, 4)
+    ref = mx.quantized_matmul(x, q, scales, biases, transpose=True, group_size=64, bits=4)
+    assert ours.shape == (1, rows, n_out)
+    np.testing.assert_allclose(np.array(ours), np.array(ref), atol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [1, 5])

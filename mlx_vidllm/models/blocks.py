@@ -184,13 +184,13 @@ def sanitize_llava(model: nn.Module, weights: dict) -> dict:
 
 def _cpu_quantized_product(x: mx.array, layer) -> mx.array | None:
     """x @ Wᵀ for a quantized layer's W on MLX's CPU backend; None where MLX's own kernel serves (Metal,
-    kernels off). Many rows: one float matmul over the dequantized matrix. A few: MLX's quantized
-    kernel, split across one stream per core."""
+    kernels off). Many rows: a float product over W dequantized block by block. A few: MLX's
+    quantized kernel, split across one stream per core."""
     if mx.default_device() != mx.cpu:
         return None
     quantized = (layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, layer.mode)
     if x.size // x.shape[-1] >= PrefillQuantizedLinear.ROWS:
-        return x @ cpu_kernels.dequantize(*quantized).astype(x.dtype).T
+        return cpu_kernels.dequantized_matmul(x, *quantized)
     if cpu_kernels.quantized_gemv_applies(x):
         return cpu_kernels.quantized_gemv(x, *quantized)
     return None

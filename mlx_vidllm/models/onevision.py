@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,8 +33,9 @@ from .blocks import LlavaModel, MLPProjector, bilinear_resize, merge_placeholder
 from .decoder import build_decoder, warn_unused_keys
 from .siglip import SiglipConfig, SiglipVisionModel
 
-# How many frames go through the vision tower at once: bounds memory on long videos.
-VISION_CHUNK = 16
+# How many frames go through the vision tower at once: bounds memory on long videos. SigLIP's MLP
+# activations are ~50 MB per frame in float32; 4 frames (2,916 rows) still keep the matmuls efficient.
+VISION_CHUNK = 4
 
 # Where image_newline goes in a video (LLaVA-NeXT's mm_newline_position):
 #   one_token: once after all frames (transformers' OneVision, p*p*T + 1)
@@ -132,11 +133,13 @@ class Model(LlavaModel):
 
     # --- vision -> projected tokens ----------------------------------------------------
 
-    def encode_frames(self, pixels: mx.array) -> mx.array:
-        """(N, S, S, 3) -> projected patch features (N, grid*grid, D), in chunks."""
+    def encode_frames(self, pixels: mx.array, reduce: Callable[[mx.array], mx.array] | None = None) -> mx.array:
+        """(N, S, S, 3) -> projected patch features (N, grid*grid, D), VISION_CHUNK frames at a time; `reduce`
+        (a video's pooling) is applied per chunk, so only the reduced features of a long video are kept."""
         out = []
         for i in range(0, pixels.shape[0], VISION_CHUNK):
             feats = self.multi_modal_projector(self.vision_tower(pixels[i:i + VISION_CHUNK]))
+            feats = reduce(feats) if reduce is not None else feats
             mx.eval(feats)
             out.append(feats)
         return mx.concatenate(out) if len(out) > 1 else out[0]
@@ -176,21 +179,22 @@ class Model(LlavaModel):
         Other `config.video_layout` / `config.pool_mode` values follow LLaVA-NeXT's get_2dPool and
         add_token_per_grid / add_token_per_frame (see VIDEO_LAYOUTS)."""
         g = self.config.vision.grid
-        feats = self.encode_frames(frames)
-        T, _, D = feats.shape
         layout, mode = self.config.video_layout, self.config.pool_mode
         check_video_options(layout, mode)
-        if (layout, mode) == ("one_token", "bilinear"):  # transformers' OneVision
-            p = pooled_size(g)
-            pooled = bilinear_resize(feats.reshape(T, g, g, D), p, p).reshape(T * p * p, D)
-            return mx.concatenate([pooled, self.image_newline[None].astype(pooled.dtype)])
-        x = feats.reshape(T, g, g, D)
         p = video_pooled_side(g, mode)
-        if mode == "bilinear":
-            x = bilinear_resize(x, p, p)
-        else:  # avg_pool2d / max_pool2d with kernel = stride = 2, no padding: a trailing odd row/column is dropped
-            x = x[:, : 2 * p, : 2 * p].reshape(T, p, 2, p, 2, D)
-            x = x.mean(axis=(2, 4)) if mode == "average" else x.max(axis=(2, 4))
+
+        def pool(feats: mx.array) -> mx.array:  # (t, g*g, D) -> (t, p, p, D): LLaVA-NeXT's get_2dPool
+            x = feats.reshape(-1, g, g, feats.shape[-1])
+            if mode == "bilinear":
+                return bilinear_resize(x, p, p)
+            # avg_pool2d / max_pool2d with kernel = stride = 2, no padding: a trailing odd row/column is dropped
+            x = x[:, : 2 * p, : 2 * p].reshape(x.shape[0], p, 2, p, 2, x.shape[-1])
+            return x.mean(axis=(2, 4)) if mode == "average" else x.max(axis=(2, 4))
+
+        x = self.encode_frames(frames, reduce=pool)
+        T, D = x.shape[0], x.shape[-1]
+        if (layout, mode) == ("one_token", "bilinear"):  # transformers' OneVision
+            return mx.concatenate([x.reshape(T * p * p, D), self.image_newline[None].astype(x.dtype)])
         newline = self.image_newline.astype(x.dtype)
         if layout == "grid":
             x = mx.concatenate([x, mx.broadcast_to(newline, (T, p, 1, D))], axis=2)
