@@ -139,13 +139,16 @@ def test_decode_attention_matches_fused_kernel(S, H, Hkv):
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (8, 64)])
 def test_dequantized_matmul_unpacks_bit_identically_to_mlx(bits, group_size):
-    """x = identity: the product is Wᵀ itself, so every dequantized value is compared exactly."""
-    q, scales, biases = mx.quantize(mx.random.normal((600, 384), key=mx.random.key(8)), group_size, bits)
-    ours = np.array(cpu_kernels.dequantized_matmul(mx.eye(384), q, scales, biases, group_size, bits))
-    np.testing.assert_array_equal(ours, np.array(mx.dequantize(q, scales, biases, group_size, bits)).T)
+    """x = identity: the product is Wᵀ itself, so every dequantized value is compared exactly (384 rows of
+    x: unpacked block by block in cache; 640: the whole matrix at once)."""
+    for k in (384, 640):
+        w = mx.random.normal((600, k), key=mx.random.key(8))
+        q, scales, biases = mx.quantize(w, group_size, bits)
+        ours = np.array(cpu_kernels.dequantized_matmul(mx.eye(k), q, scales, biases, group_size, bits))
+        np.testing.assert_array_equal(ours, np.array(mx.dequantize(q, scales, biases, group_size, bits)).T)
 
 
-@pytest.mark.parametrize("rows,n_out", [(4, 1001), (25, 300), (300, 4100)])
+@pytest.mark.parametrize("rows,n_out", [(4, 1001), (25, 300), (300, 4100), (600, 700)])  # 600: whole matrix
 def test_dequantized_matmul_matches_mlx(rows, n_out):
     x = mx.random.normal((1, rows, 256), key=mx.random.key(14))
     q, scales, biases = mx.quantize(mx.random.normal((n_out, 256), key=mx.random.key(15)), 64, 4)
