@@ -8,8 +8,8 @@ in place (zero-copy views; results in buffers from MLX's allocator):
 - vision: GELU / quick GELU, LayerNorm, bidirectional attention per (frame, head, query block) in cache;
 - decoder prefill: causal attention per (key/value head, query block), swiglu;
 - decoder steps: OpenBLAS gemv for float layers and the tied LM head, one-query attention over the cache;
-- 4-bit layers: numpy dequantize for many rows, MLX's quantized kernel split across one stream per core
-  for a few.
+- 4-bit layers: numpy unpacking + float products for 4 rows and more (block by block in cache for short
+  inputs), MLX's quantized kernel split across one stream per core for fewer.
 
 Same formulas as MLX's ops (float32 rounding differences only; tests/test_cpu_kernels.py compares each
 with MLX, the parity suite compares the models with PyTorch). On Metal, for small inputs and other dtypes
