@@ -388,19 +388,20 @@ def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.ar
     tasks = -(-max(1, N // DEQUANTIZE_BLOCK_ROWS) // _THREADS) * _THREADS  # a multiple of the cores
     spans = [(N * i // tasks, N * (i + 1) // tasks) for i in range(tasks)]
 
+    def unpack(rows: slice, into: np.ndarray) -> None:
+        _unpack(packed[rows], s[rows], b[rows], group_size, bits, into)
+
     if len(xn) >= DEQUANTIZE_WHOLE_ROWS:
         weights, out = _output((N, K))
-        _parallel(lambda span: _unpack(packed[slice(*span)], s[slice(*span)], b[slice(*span)], group_size,
-                                       bits, out[slice(*span)]), spans)
+        _parallel(lambda span: unpack(slice(*span), out[slice(*span)]), spans)
         return x @ weights.T
 
     result, out = _output((len(xn), N))
 
     def run(span: tuple[int, int]) -> None:
-        rows = slice(*span)
         weights = _scratch((span[1] - span[0], K))
-        _unpack(packed[rows], s[rows], b[rows], group_size, bits, weights)
-        np.matmul(xn, weights.T, out=out[:, rows])
+        unpack(slice(*span), weights)
+        np.matmul(xn, weights.T, out=out[:, slice(*span)])
 
     with numpy_blas_single_thread():
         _parallel(run, spans)
